@@ -1,0 +1,3 @@
+from streamledger.cli import main
+
+main()
