@@ -1,0 +1,318 @@
+"""The ledger state machine: apply a request to state, deterministically.
+
+`execute` turns a request into an outcome (a log entry, or a rejection) against a read
+view of the state, writing the new state into an `Overlay`. `project_entry` is the single
+place where a log entry changes state: `execute` calls it for what it commits, and recovery
+calls it for entries read back from the committed log, so a store rebuilt from the log is
+identical to the one built live.
+
+No I/O, no clock: `now` is an argument, and ids come from the ledger's head in the state.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from ledger import hashchain
+from ledger.commands import CreateLedger, CreateTransaction, Request
+from ledger.errors import (
+    Conflict,
+    InsufficientFunds,
+    LedgerAlreadyExists,
+    LedgerError,
+    LedgerNotFound,
+    ValidationError,
+)
+from ledger.model import (
+    CREATED_LEDGER,
+    NEW_TRANSACTION,
+    WORLD,
+    LogEntry,
+    Posting,
+    Transaction,
+    Volumes,
+    volumes_json,
+)
+from ledger.state import (
+    ACCOUNT,
+    HEAD,
+    IDEMPOTENCY,
+    LEDGER,
+    LOG,
+    REFERENCE,
+    REQUEST,
+    TRANSACTION,
+    VOLUMES,
+    AccountRecord,
+    Head,
+    IdempotencyRecord,
+    LedgerInfo,
+    Overlay,
+    RequestRecord,
+)
+from ledger.timeutil import format_rfc3339
+
+
+@dataclass(frozen=True, slots=True)
+class Committed:
+    request_id: str
+    entry: LogEntry
+
+
+@dataclass(frozen=True, slots=True)
+class Rejected:
+    request_id: str
+    ledger: str
+    code: str
+    message: str
+    details: dict
+    date: int
+
+
+@dataclass(frozen=True, slots=True)
+class Replayed:
+    """A request already answered: a redelivery (same request id) or an idempotency hit.
+
+    `original` is the record of the first outcome; the caller re-publishes it.
+    """
+
+    request_id: str
+    ledger: str
+    original: RequestRecord
+    idempotency_hit: bool
+
+
+Outcome = Committed | Rejected | Replayed
+
+
+def execute(state: Overlay, request: Request, now: int) -> Outcome:
+    """Apply one request. Writes go to a child overlay merged into `state` on success."""
+    previous = state.get((REQUEST, request.request_id))
+    if previous is not None:
+        return Replayed(request.request_id, request.ledger, previous, idempotency_hit=False)
+    scratch = Overlay(state)
+    try:
+        replay = _check_idempotency(scratch, request)
+        if replay is not None:
+            return replay
+        entry = _decide(scratch, request, now)
+    except LedgerError as error:
+        rejection = Rejected(
+            request.request_id, request.ledger, error.code, error.message,
+            _jsonable(error.details), now,
+        )
+        if not request.dry_run:
+            project_rejection(state, rejection)
+        return rejection
+    if not request.dry_run:
+        scratch.merge_into(state)
+    return Committed(request.request_id, entry)
+
+
+def _check_idempotency(state: Overlay, request: Request) -> Replayed | None:
+    if not request.idempotency_key:
+        return None
+    record = state.get((IDEMPOTENCY, request.ledger, request.idempotency_key))
+    if record is None:
+        return None
+    assert isinstance(record, IdempotencyRecord)
+    if record.input_hash != request.idempotency_hash:
+        raise ValidationError(
+            f"idempotency key '{request.idempotency_key}' was already used with a different input"
+        )
+    original = state.get((REQUEST, record.request_id))
+    assert isinstance(original, RequestRecord), "an idempotency key always names an applied request"
+    return Replayed(request.request_id, request.ledger, original, idempotency_hit=True)
+
+
+def _decide(state: Overlay, request: Request, now: int) -> LogEntry:
+    command = request.command
+    if isinstance(command, CreateLedger):
+        return _create_ledger(state, request, command, now)
+    if state.get((LEDGER, request.ledger)) is None:
+        raise LedgerNotFound(f"ledger '{request.ledger}' does not exist: create it first")
+    if isinstance(command, CreateTransaction):
+        return _create_transaction(state, request, command, now)
+    raise ValidationError(f"unsupported command {type(command).__name__}")
+
+
+def _create_ledger(state: Overlay, request: Request, command: CreateLedger, now: int) -> LogEntry:
+    if state.get((LEDGER, request.ledger)) is not None:
+        raise LedgerAlreadyExists(f"ledger '{request.ledger}' already exists")
+    data = {
+        "name": request.ledger,
+        "bucket": command.bucket,
+        "metadata": dict(command.metadata),
+        "features": dict(command.features),
+        "addedAt": format_rfc3339(now),
+    }
+    entry = LogEntry(
+        ledger=request.ledger, id=0, type=CREATED_LEDGER, data=data, date=now,
+        idempotency_key=request.idempotency_key, idempotency_hash=request.idempotency_hash,
+        hash=b"", request_id=request.request_id,
+    )
+    project_entry(state, entry)
+    return entry
+
+
+def _create_transaction(
+    state: Overlay, request: Request, command: CreateTransaction, now: int
+) -> LogEntry:
+    if command.script is not None:
+        raise ValidationError("Numscript transactions are not supported yet")
+    postings = list(command.postings or ())
+    if command.reference and state.get((REFERENCE, request.ledger, command.reference)) is not None:
+        raise Conflict(f"transaction reference '{command.reference}' already exists")
+    if not command.force:
+        _check_funds(state, request.ledger, postings)
+    head = _head(state, request.ledger)
+    date = max(now, head.last_date)
+    transaction = {
+        "postings": [posting.to_json() for posting in postings],
+        "metadata": dict(command.metadata),
+        "timestamp": format_rfc3339(command.timestamp if command.timestamp is not None else date),
+        "id": head.last_transaction_id + 1,
+        "reverted": False,
+    }
+    if command.reference:
+        transaction["reference"] = command.reference
+    data = {"transaction": transaction, "accountMetadata": command.account_metadata}
+    return _chain_entry(state, request, head, NEW_TRANSACTION, data, date)
+
+
+def _check_funds(state: Overlay, ledger: str, postings: list[Posting]) -> None:
+    """Each posting is a `send` from a bounded source, checked in order (Formance compiles
+    raw postings to one Numscript `send` each, with balances tracked across them)."""
+    balances: dict[tuple[str, str], int] = {}
+    for posting in postings:
+        for account, sign in ((posting.source, -1), (posting.destination, 1)):
+            key = (account, posting.asset)
+            if key not in balances:
+                balances[key] = _volumes(state, ledger, account, posting.asset).balance
+        source_key = (posting.source, posting.asset)
+        available = balances[source_key]
+        if posting.source != WORLD and available < posting.amount:
+            raise InsufficientFunds(posting.source, posting.asset, posting.amount, max(available, 0))
+        balances[source_key] -= posting.amount
+        balances[(posting.destination, posting.asset)] += posting.amount
+
+
+def _chain_entry(
+    state: Overlay, request: Request, head: Head, log_type: str, data: dict, date: int
+) -> LogEntry:
+    memento = hashchain.memento_of(log_type, data)
+    line = hashchain.entry_line(log_type, memento, date, request.idempotency_key)
+    entry = LogEntry(
+        ledger=request.ledger, id=head.last_log_id + 1, type=log_type, data=data, date=date,
+        idempotency_key=request.idempotency_key, idempotency_hash=request.idempotency_hash,
+        hash=hashchain.chain(head.last_hash, line), request_id=request.request_id,
+    )
+    project_entry(state, entry)
+    return entry
+
+
+def project_rejection(state: Overlay, rejection: Rejected) -> None:
+    state.put(
+        (REQUEST, rejection.request_id),
+        RequestRecord(
+            ledger=rejection.ledger, code=rejection.code, message=rejection.message,
+            details=rejection.details, date=rejection.date,
+        ),
+    )
+
+
+def project_entry(state: Overlay, entry: LogEntry) -> None:
+    """Make `entry`'s effects on state. Deterministic in `entry` and the prior state."""
+    ledger = entry.ledger
+    if entry.type == CREATED_LEDGER:
+        data = entry.data
+        state.put((LEDGER, ledger), LedgerInfo(
+            name=ledger, added_at=entry.date, bucket=data.get("bucket", "_default"),
+            metadata=dict(data.get("metadata") or {}), features=dict(data.get("features") or {}),
+        ))
+    elif entry.type == NEW_TRANSACTION:
+        _project_new_transaction(state, entry)
+    else:
+        raise AssertionError(f"unknown log entry type {entry.type}")
+    state.put((REQUEST, entry.request_id), RequestRecord(ledger=ledger, log_id=entry.id, date=entry.date))
+    if entry.idempotency_key:
+        state.put(
+            (IDEMPOTENCY, ledger, entry.idempotency_key),
+            IdempotencyRecord(entry.idempotency_hash, entry.request_id),
+        )
+    if entry.id > 0:
+        head = _head(state, ledger)
+        assert entry.id == head.last_log_id + 1, f"log gap in {ledger}: {head.last_log_id} -> {entry.id}"
+        transaction_id = head.last_transaction_id
+        if entry.type == NEW_TRANSACTION:
+            transaction_id = entry.data["transaction"]["id"]
+        state.put((HEAD, ledger), Head(entry.id, entry.hash, transaction_id, max(entry.date, head.last_date)))
+        state.put((LOG, ledger, entry.id), entry)
+
+
+def _project_new_transaction(state: Overlay, entry: LogEntry) -> None:
+    from ledger.timeutil import parse_rfc3339
+
+    ledger = entry.ledger
+    raw = entry.data["transaction"]
+    postings = [Posting(p["source"], p["destination"], p["amount"], p["asset"]) for p in raw["postings"]]
+    timestamp = parse_rfc3339(raw["timestamp"])
+    post_commit: dict[str, dict[str, Volumes]] = {}
+    for posting in postings:
+        for account, is_source in ((posting.source, True), (posting.destination, False)):
+            current = post_commit.get(account, {}).get(posting.asset)
+            if current is None:
+                current = _volumes(state, ledger, account, posting.asset)
+            if is_source:
+                current = Volumes(current.input, current.output + posting.amount)
+            else:
+                current = Volumes(current.input + posting.amount, current.output)
+            post_commit.setdefault(account, {})[posting.asset] = current
+    for account, by_asset in post_commit.items():
+        for asset, volumes in by_asset.items():
+            state.put((VOLUMES, ledger, account, asset), volumes)
+        _touch_account(state, ledger, account, timestamp, entry.date, None)
+    for address, metadata in (entry.data.get("accountMetadata") or {}).items():
+        _touch_account(state, ledger, address, timestamp, entry.date, metadata)
+    transaction = Transaction(
+        id=raw["id"], postings=postings, metadata=dict(raw.get("metadata") or {}),
+        timestamp=timestamp, inserted_at=entry.date, reference=raw.get("reference"),
+        updated_at=entry.date, post_commit_volumes=post_commit,
+    )
+    state.put((TRANSACTION, ledger, transaction.id), transaction)
+    if transaction.reference:
+        state.put((REFERENCE, ledger, transaction.reference), transaction.id)
+    raw["postCommitVolumes"] = volumes_json(post_commit)
+    raw["insertedAt"] = format_rfc3339(entry.date)
+
+
+def _touch_account(
+    state: Overlay, ledger: str, address: str, timestamp: int, date: int,
+    metadata: dict[str, str] | None,
+) -> None:
+    record = state.get((ACCOUNT, ledger, address))
+    if record is None:
+        record = AccountRecord(address, {}, first_usage=timestamp, insertion_date=date, updated_at=date)
+    else:
+        assert isinstance(record, AccountRecord)
+        record = AccountRecord(
+            address, dict(record.metadata), min(record.first_usage, timestamp),
+            record.insertion_date, date,
+        )
+    if metadata:
+        record.metadata.update(metadata)
+    state.put((ACCOUNT, ledger, address), record)
+
+
+def _head(state: Overlay, ledger: str) -> Head:
+    head = state.get((HEAD, ledger))
+    return head if head is not None else Head()  # type: ignore[return-value]
+
+
+def _volumes(state: Overlay, ledger: str, account: str, asset: str) -> Volumes:
+    volumes = state.get((VOLUMES, ledger, account, asset))
+    return volumes if volumes is not None else Volumes()  # type: ignore[return-value]
+
+
+def _jsonable(details: dict) -> dict:
+    return {key: value for key, value in details.items() if isinstance(value, (str, int, bool, type(None)))}

@@ -1,0 +1,188 @@
+"""The nouns of the ledger: postings, transactions, log entries, and their grammars.
+
+Amounts are Python `int` in minor units, of any size. Dates are `int` microseconds (UTC).
+Records that cross the state machine are small slotted dataclasses; their Formance JSON
+shapes are built by the `*_json` helpers here so every layer renders them the same way.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+
+from ledger import limits
+from ledger.errors import ValidationError
+from ledger.timeutil import format_rfc3339
+
+ADDRESS_PATTERN = re.compile(r"^[a-zA-Z0-9_-]+(:[a-zA-Z0-9_-]+)*$")
+ASSET_PATTERN = re.compile(r"^[A-Z][A-Z0-9]{0,16}(_[A-Z]{1,16})?(/\d{1,6})?$")
+LEDGER_NAME_PATTERN = re.compile(r"^[0-9a-zA-Z_-]{1,63}$")
+LEDGER_NAMES_RESERVED = frozenset({"_", "_info", "_healthcheck"})
+WORLD = "world"
+
+# Log entry types. The first four are Formance's; `CREATED_LEDGER` is ours: ledgers are
+# created through the same ordered write path, so the worker that owns a ledger's
+# partition learns of it in order. It carries log id 0 and is not part of the hash chain.
+NEW_TRANSACTION = "NEW_TRANSACTION"
+SET_METADATA = "SET_METADATA"
+DELETE_METADATA = "DELETE_METADATA"
+REVERTED_TRANSACTION = "REVERTED_TRANSACTION"
+CREATED_LEDGER = "CREATED_LEDGER"
+LOG_TYPES_CHAINED = frozenset({NEW_TRANSACTION, SET_METADATA, DELETE_METADATA, REVERTED_TRANSACTION})
+
+TARGET_ACCOUNT = "ACCOUNT"
+TARGET_TRANSACTION = "TRANSACTION"
+
+
+def validate_address(address: object, what: str = "address") -> str:
+    if not isinstance(address, str) or len(address) > limits.address_bytes_max or (
+        ADDRESS_PATTERN.match(address) is None
+    ):
+        raise ValidationError(
+            f"{what} {address!r} is not a valid account address "
+            "(segments of [a-zA-Z0-9_-] separated by ':')"
+        )
+    return address
+
+
+def validate_asset(asset: object) -> str:
+    if not isinstance(asset, str) or ASSET_PATTERN.match(asset) is None:
+        raise ValidationError(
+            f"asset {asset!r} is not a valid asset (e.g. USD, USD/2, EUR_STRIPE/2)"
+        )
+    return asset
+
+
+def validate_amount(amount: object) -> int:
+    # bool is an int in Python; a JSON `true` is never an amount.
+    if isinstance(amount, bool) or not isinstance(amount, int):
+        raise ValidationError(f"amount {amount!r} must be an integer in minor units")
+    if amount < 0:
+        raise ValidationError(f"amount {amount} must not be negative")
+    if len(str(amount)) > limits.amount_digits_max:
+        raise ValidationError(f"amount has more than {limits.amount_digits_max} digits")
+    return amount
+
+
+def validate_ledger_name(name: object) -> str:
+    if not isinstance(name, str) or LEDGER_NAME_PATTERN.match(name) is None or (
+        name in LEDGER_NAMES_RESERVED
+    ):
+        raise ValidationError(
+            f"ledger name {name!r} must be 1-63 characters of [0-9a-zA-Z_-] and not reserved"
+        )
+    return name
+
+
+def validate_metadata(metadata: object, what: str = "metadata") -> dict[str, str]:
+    if metadata is None:
+        return {}
+    if not isinstance(metadata, dict):
+        raise ValidationError(f"{what} must be an object of string values")
+    if len(metadata) > limits.metadata_entries_max:
+        raise ValidationError(f"{what} has more than {limits.metadata_entries_max} entries")
+    for key, value in metadata.items():
+        if not isinstance(key, str) or not isinstance(value, str):
+            raise ValidationError(f"{what} values must be strings (key {key!r})")
+        if len(key) > limits.metadata_key_bytes_max or len(value) > limits.metadata_value_bytes_max:
+            raise ValidationError(f"{what} entry {key!r} is too large")
+    return metadata
+
+
+@dataclass(frozen=True, slots=True)
+class Posting:
+    source: str
+    destination: str
+    amount: int
+    asset: str
+
+    def to_json(self) -> dict:
+        return {
+            "source": self.source,
+            "destination": self.destination,
+            "amount": self.amount,
+            "asset": self.asset,
+        }
+
+    @staticmethod
+    def from_json(raw: object) -> "Posting":
+        if not isinstance(raw, dict):
+            raise ValidationError("a posting must be an object with source, destination, amount, asset")
+        return Posting(
+            source=validate_address(raw.get("source"), "source"),
+            destination=validate_address(raw.get("destination"), "destination"),
+            amount=validate_amount(raw.get("amount")),
+            asset=validate_asset(raw.get("asset")),
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class Volumes:
+    input: int = 0
+    output: int = 0
+
+    @property
+    def balance(self) -> int:
+        return self.input - self.output
+
+    def to_json(self) -> dict:
+        return {"input": self.input, "output": self.output, "balance": self.input - self.output}
+
+
+@dataclass(slots=True)
+class Transaction:
+    """A committed transaction as the store keeps it and the API shows it."""
+
+    id: int
+    postings: list[Posting]
+    metadata: dict[str, str]
+    timestamp: int
+    inserted_at: int
+    reference: str | None = None
+    reverted_at: int | None = None
+    updated_at: int | None = None
+    # {account: {asset: Volumes}} after this transaction, in insertion order.
+    post_commit_volumes: dict[str, dict[str, Volumes]] = field(default_factory=dict)
+
+    @property
+    def reverted(self) -> bool:
+        return self.reverted_at is not None
+
+    def memento(self) -> dict:
+        """The hashed form: Formance's field order, no volumes, `reverted` always false."""
+        body: dict = {
+            "postings": [posting.to_json() for posting in self.postings],
+            "metadata": dict(sorted(self.metadata.items())),
+            "timestamp": format_rfc3339(self.timestamp),
+        }
+        if self.reference:
+            body["reference"] = self.reference
+        body["id"] = self.id
+        body["reverted"] = False
+        return body
+
+
+def volumes_json(volumes: dict[str, dict[str, Volumes]]) -> dict:
+    return {
+        account: {asset: v.to_json() for asset, v in by_asset.items()}
+        for account, by_asset in volumes.items()
+    }
+
+
+@dataclass(frozen=True, slots=True)
+class LogEntry:
+    """One entry of a ledger's immutable log, as published on `ledger.committed`.
+
+    `data` is the Formance-shaped payload (a dict ready for JSON); `memento` is the dict
+    that is hashed. `id` is per ledger, gapless from 1 (0 for `CREATED_LEDGER`).
+    """
+
+    ledger: str
+    id: int
+    type: str
+    data: dict
+    date: int
+    idempotency_key: str
+    idempotency_hash: str
+    hash: bytes
+    request_id: str
