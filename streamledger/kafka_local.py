@@ -267,6 +267,11 @@ def server_properties(data_dir: Path, port: int, controller_port: int) -> dict[s
         "num.network.threads": "2",
         "num.io.threads": "2",
         "background.threads": "2",
+        # After a SIGKILL the controller keeps the dead incarnation's registration until its
+        # session expires (DUPLICATE_BROKER_REGISTRATION): 9 s by default. Shorter here so a
+        # crash-restart is ready in a few seconds.
+        "broker.heartbeat.interval.ms": "500",
+        "broker.session.timeout.ms": "4000",
         # 4.x rejects records stamped > 1 h in the future by default; tests use fixed clocks.
         "log.message.timestamp.after.max.ms": str(2**63 - 1),
     }
