@@ -1,0 +1,39 @@
+"""Configuration from the environment: one prefix, a sensible default for everything.
+
+The gateway and the worker read the same settings, so `make dev`, docker-compose and the
+tests configure both the same way. The table in the README lists every variable.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+
+
+def _env(name: str, default: str) -> str:
+    return os.environ.get(name, default)
+
+
+@dataclass(frozen=True)
+class Settings:
+    bootstrap_servers: str = field(default_factory=lambda: _env("KAFKA_BOOTSTRAP_SERVERS", "127.0.0.1:9092"))
+    app_id: str = field(default_factory=lambda: _env("STREAMLEDGER_APP_ID", "streamledger"))
+    partitions: int = field(default_factory=lambda: int(_env("STREAMLEDGER_PARTITIONS", "8")))
+    data_dir: Path = field(default_factory=lambda: Path(_env("STREAMLEDGER_DATA_DIR", ".data")))
+    worker_host: str = field(default_factory=lambda: _env("STREAMLEDGER_WORKER_HOST", "127.0.0.1"))
+    worker_port: int = field(default_factory=lambda: int(_env("STREAMLEDGER_WORKER_PORT", "6066")))
+    worker_url: str = field(default_factory=lambda: _env("STREAMLEDGER_WORKER_URL", "http://127.0.0.1:6066"))
+    gateway_host: str = field(default_factory=lambda: _env("STREAMLEDGER_GATEWAY_HOST", "127.0.0.1"))
+    gateway_port: int = field(default_factory=lambda: int(_env("STREAMLEDGER_GATEWAY_PORT", "3068")))
+    reply_timeout_ms: int = field(default_factory=lambda: int(_env("STREAMLEDGER_REPLY_TIMEOUT_MS", "10000")))
+    batch_requests_max: int = field(default_factory=lambda: int(_env("STREAMLEDGER_BATCH_MAX", "4000")))
+    batch_linger_ms: int = field(default_factory=lambda: int(_env("STREAMLEDGER_BATCH_LINGER_MS", "5")))
+    gateway_linger_ms: float = field(default_factory=lambda: float(_env("STREAMLEDGER_GATEWAY_LINGER_MS", "1")))
+    rocksdb_block_cache_mb: int = field(default_factory=lambda: int(_env("STREAMLEDGER_ROCKSDB_BLOCK_CACHE_MB", "64")))
+    rocksdb_write_buffer_mb: int = field(default_factory=lambda: int(_env("STREAMLEDGER_ROCKSDB_WRITE_BUFFER_MB", "16")))
+    session_timeout_ms: int = field(default_factory=lambda: int(_env("STREAMLEDGER_SESSION_TIMEOUT_MS", "10000")))
+    log_level: str = field(default_factory=lambda: _env("STREAMLEDGER_LOG_LEVEL", "info"))
+
+    def describe(self) -> dict[str, str]:
+        return {f.name: str(getattr(self, f.name)) for f in fields(self)}
