@@ -16,6 +16,8 @@ def _register() -> None:
     from streamledger import numscript_cli
 
     main.add_command(numscript_cli.numscript)
+    from streamledger import kafka_cli
+    kafka_cli.register(main)
 
 
 _register()

@@ -124,6 +124,12 @@ _NETWORK_HINTS = (
 )
 
 
+def jars_cached(cache_dir: str | Path | None = None) -> bool:
+    """True when `ensure_jars(cache_dir)` would not need to fetch anything."""
+    libs = Path(cache_dir).expanduser() if cache_dir else default_cache_dir()
+    return POM.is_file() and _jars_complete(libs, _pom_digest())
+
+
 def ensure_jars(cache_dir: str | Path | None = None) -> Path:
     """Return the directory holding the jars of Kafka 4.3.1, fetching them first if needed.
 

@@ -26,25 +26,27 @@ def _new_topic(bootstrap: str, partitions: int = 1) -> str:
 
 
 def _consume_all(bootstrap: str, topic: str, *, isolation: str = "read_committed",
-                 expect: int | None = None, idle: float = 1.5, timeout: float = 20.0) -> list:
-    """Every record of `topic` from the start: stops `idle` s after the last record once
-    at least `expect` records arrived (or at `timeout`)."""
+                 expect: int = 1, idle: float = 0.5, timeout: float = 20.0) -> list:
+    """Every record of `topic` from the start (assigned, no group join): stops `idle` s
+    after the last record once at least `expect` records arrived, or at `timeout`."""
+    from confluent_kafka import OFFSET_BEGINNING
+
     c = Consumer({
         "bootstrap.servers": bootstrap,
         "group.id": f"g-{uuid.uuid4().hex[:8]}",
-        "auto.offset.reset": "earliest",
         "enable.auto.commit": False,
         "isolation.level": isolation,
     })
-    c.subscribe([topic])
+    n = len(c.list_topics(topic, timeout=10).topics[topic].partitions)
+    c.assign([TopicPartition(topic, i, OFFSET_BEGINNING) for i in range(n)])
     out: list = []
     deadline = time.monotonic() + timeout
     last = time.monotonic()
     try:
         while time.monotonic() < deadline:
-            m = c.poll(0.2)
+            m = c.poll(0.1)
             if m is None:
-                if (expect is None or len(out) >= expect) and time.monotonic() - last > idle and out:
+                if len(out) >= expect and time.monotonic() - last > idle:
                     break
                 continue
             if m.error():
