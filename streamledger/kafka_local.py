@@ -168,7 +168,7 @@ def ensure_jars(cache_dir: str | Path | None = None) -> Path:
                 "check that https://repo.maven.apache.org/maven2 is reachable (proxy settings "
                 "go in ~/.m2/settings.xml)"
             ) from exc
-        output = (proc.stdout + proc.stderr).strip()
+        output = re.sub(r"\x1b\[[0-9;]*m", "", proc.stdout + proc.stderr).strip()
         if proc.returncode != 0 or not any(tmp.glob(f"kafka_2.13-{KAFKA_VERSION}.jar")):
             shutil.rmtree(tmp, ignore_errors=True)
             tail = "\n".join(output.splitlines()[-25:])
@@ -292,6 +292,19 @@ def _tail(path: Path, lines: int = 40) -> str:
     except OSError:
         return f"({path} not written)"
     return "\n".join(text.splitlines()[-lines:])
+
+
+def _error_lines(path: Path, keep: int = 8) -> str:
+    """The last ERROR/FATAL log lines (the cause usually precedes a long shutdown tail)."""
+    try:
+        with open(path, "rb") as fh:
+            fh.seek(0, os.SEEK_END)
+            fh.seek(max(0, fh.tell() - 512 * 1024))
+            text = fh.read().decode("utf-8", "replace")
+    except OSError:
+        return ""
+    hits = [ln[:600] for ln in text.splitlines() if "] ERROR " in ln or "] FATAL " in ln]
+    return "\n".join(hits[-keep:])
 
 
 def _set_pdeathsig() -> None:  # runs in the child between fork and exec (Linux only)
@@ -525,6 +538,7 @@ class LocalKafka:
     def _failure(self, why: str) -> KafkaSetupError:
         return KafkaSetupError(
             f"Kafka {KAFKA_VERSION} on {self.bootstrap_servers} {why}.\n"
+            f"--- errors in {self.server_log}:\n{_error_lines(self.server_log) or '(none)'}\n"
             f"--- tail of {self.server_log}:\n{_tail(self.server_log)}\n"
             f"--- tail of {self._stdout_path}:\n{_tail(self._stdout_path, 20)}"
         )

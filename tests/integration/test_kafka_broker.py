@@ -100,6 +100,22 @@ def test_ensure_topics_is_idempotent_with_8_partitions(kafka_bootstrap):
 
 
 @pytest.mark.integration
+def test_future_timestamps_are_accepted(kafka_bootstrap):
+    # Kafka 4.x rejects records stamped > 1 h ahead unless log.message.timestamp.after.max.ms
+    # is lifted; tests with fixed or future clocks rely on the lift.
+    topic = _new_topic(kafka_bootstrap)
+    future_ms = int(time.time() * 1000) + 2 * 24 * 3600 * 1000
+    errors: list = []
+    p = Producer(producer_config(kafka_bootstrap))
+    p.produce(topic, key=b"k", value=b"v", timestamp=future_ms,
+              on_delivery=lambda err, msg: errors.append(err))
+    assert p.flush(20) == 0
+    assert errors == [None]
+    (m,) = _consume_all(kafka_bootstrap, topic, expect=1)
+    assert m.timestamp()[1] == future_ms
+
+
+@pytest.mark.integration
 def test_confluent_transactions_read_committed(kafka_bootstrap):
     topic = _new_topic(kafka_bootstrap)
     p = Producer(producer_config(kafka_bootstrap, transactional_id=f"tx-{uuid.uuid4().hex}"))
