@@ -18,6 +18,9 @@ def _register() -> None:
     main.add_command(numscript_cli.numscript)
     from streamledger import kafka_cli
     kafka_cli.register(main)
+    from streamledger import process_cli
+
+    process_cli.register(main)
 
 
 _register()

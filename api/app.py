@@ -1,0 +1,259 @@
+"""The gateway: Formance Ledger v2's HTTP API over the Kafka write path.
+
+Writes are validated here (shape, addresses, assets, amounts), turned into a `Request`,
+produced to `ledger.requests`, and answered with the outcome the owning worker publishes.
+Reads are forwarded to the worker that owns the ledger's partition. Every route is served
+under `/v2/…` and, for clients configured for a Formance stack gateway, `/api/ledger/v2/…`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import hashlib
+import json
+import logging
+import time
+import uuid
+
+import aiohttp
+from aiohttp import web
+
+from api.errors import ApiError, errors_middleware
+from ledger import commands, limits
+from ledger.commands import Request
+from ledger.machine import Committed, Rejected
+from ledger.model import validate_ledger_name
+from api.producer import RequestsClient
+from streams.settings import Settings
+
+log = logging.getLogger("streamledger.gateway")
+
+SETTINGS = web.AppKey("settings", Settings)
+CLIENT = web.AppKey("client", RequestsClient)
+HTTP = web.AppKey("http", aiohttp.ClientSession)
+VERSION = "0.1.0"
+
+
+def create_app(settings: Settings | None = None) -> web.Application:
+    settings = settings or Settings()
+    app = web.Application(middlewares=[errors_middleware], client_max_size=limits.http_body_bytes_max)
+    app[SETTINGS] = settings
+    app.cleanup_ctx.append(_kafka_client)
+    app.cleanup_ctx.append(_http_session)
+    routes = [
+        ("GET", "/_info", info),
+        ("GET", "", list_ledgers),
+        ("GET", "/", list_ledgers),
+        ("POST", "/{ledger}", create_ledger),
+        ("GET", "/{ledger}", get_ledger),
+        ("POST", "/{ledger}/transactions", create_transaction),
+        ("GET", "/{ledger}/transactions", list_transactions),
+        ("GET", "/{ledger}/transactions/{id}", get_transaction),
+        ("GET", "/{ledger}/accounts/{address}", get_account),
+    ]
+    for prefix in ("/v2", "/api/ledger/v2"):
+        for method, path, handler in routes:
+            app.router.add_route(method, prefix + path, handler)
+    app.router.add_get("/api/ledger/_/info", info)
+    app.router.add_get("/_healthcheck", healthcheck)
+    return app
+
+
+async def _kafka_client(app: web.Application):
+    client = RequestsClient(app[SETTINGS])
+    await client.start()
+    app[CLIENT] = client
+    yield
+    await client.stop()
+
+
+async def _http_session(app: web.Application):
+    session = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=30))
+    app[HTTP] = session
+    yield
+    await session.close()
+
+
+# --- helpers ------------------------------------------------------------------------------
+
+
+def _now_micros() -> int:
+    return time.time_ns() // 1000
+
+
+async def _json_body(request: web.Request) -> object:
+    if not request.can_read_body:
+        return None
+    text = await request.text()
+    return json.loads(text) if text.strip() else None
+
+
+def _flag(request: web.Request, name: str) -> bool:
+    return request.query.get(name, "").lower() in ("true", "1", "yes")
+
+
+def _input_hash(*parts: object) -> str:
+    digest = hashlib.sha256(json.dumps(parts, sort_keys=True, separators=(",", ":")).encode())
+    return base64.urlsafe_b64encode(digest.digest()).decode().rstrip("=")
+
+
+async def _submit(request: web.Request, ledger: str, command, body: object) -> Committed | Rejected:
+    """Produce a command for `ledger` and wait for its outcome; 504 when none comes."""
+    settings = request.app[SETTINGS]
+    idempotency_key = request.headers.get("Idempotency-Key", "")
+    if len(idempotency_key) > limits.idempotency_key_bytes_max:
+        raise ApiError("VALIDATION", "Idempotency-Key is too long")
+    envelope = Request(
+        request_id=uuid.uuid4().hex,
+        ledger=ledger,
+        command=command,
+        idempotency_key=idempotency_key,
+        idempotency_hash=_input_hash(request.method, request.match_info.route.resource.canonical
+                                     if request.match_info.route.resource else request.path,
+                                     dict(request.query), body) if idempotency_key else "",
+        dry_run=_flag(request, "dryRun"),
+        received_at=_now_micros(),
+    )
+    timeout = settings.reply_timeout_ms / 1000
+    try:
+        return await request.app[CLIENT].submit(envelope, timeout)
+    except asyncio.TimeoutError:
+        raise ApiError(
+            "TIMEOUT",
+            f"no worker answered within {timeout:g}s; the request {envelope.request_id} may "
+            "still be applied — retry with the same Idempotency-Key to get its outcome",
+            status=504,
+        ) from None
+    except ConnectionError as error:
+        raise ApiError("UNAVAILABLE", str(error), status=503) from None
+
+
+def _raise_rejection(outcome: Rejected):
+    from ledger.errors import LedgerError
+
+    error = LedgerError(outcome.message, **(outcome.details or {}))
+    error.code = outcome.code
+    raise error
+
+
+async def _forward(request: web.Request, path: str, params: dict | None = None) -> dict:
+    """GET a worker query view; the worker routes it to the ledger's owner."""
+    settings = request.app[SETTINGS]
+    url = settings.worker_url.rstrip("/") + path
+    try:
+        async with request.app[HTTP].get(url, params=params or {}) as response:
+            body = await response.json(content_type=None)
+            if response.status >= 400:
+                raise ApiError(body.get("errorCode", "INTERNAL"), body.get("errorMessage", ""), status=response.status)
+            return body
+    except aiohttp.ClientError as error:
+        raise ApiError("UNAVAILABLE", f"no worker reachable at {settings.worker_url}: {error}", status=503) from None
+
+
+def _ledger_name(request: web.Request) -> str:
+    return validate_ledger_name(request.match_info["ledger"])
+
+
+# --- routes -------------------------------------------------------------------------------
+
+
+async def healthcheck(request: web.Request) -> web.Response:
+    return web.json_response({"status": "ok"})
+
+
+async def info(request: web.Request) -> web.Response:
+    return web.json_response({
+        "server": "streamledger",
+        "version": VERSION,
+        "storage": {"driver": "kafka+rocksdb"},
+        "features": {},
+    })
+
+
+async def list_ledgers(request: web.Request) -> web.Response:
+    body = await _forward(request, "/ledgers")
+    return web.json_response({"cursor": {"pageSize": len(body["data"]), "hasMore": False, "data": body["data"]}})
+
+
+async def create_ledger(request: web.Request) -> web.Response:
+    ledger = _ledger_name(request)
+    body = await _json_body(request)
+    command = commands.create_ledger_from_json(ledger, body)
+    outcome = await _submit(request, ledger, command, body)
+    if isinstance(outcome, Rejected):
+        _raise_rejection(outcome)
+    return web.Response(status=204)
+
+
+async def get_ledger(request: web.Request) -> web.Response:
+    ledger = _ledger_name(request)
+    return web.json_response(await _forward(request, f"/ledger/{ledger}"))
+
+
+async def create_transaction(request: web.Request) -> web.Response:
+    ledger = _ledger_name(request)
+    body = await _json_body(request)
+    command = commands.create_transaction_from_json(body, force=_flag(request, "force"))
+    outcome = await _submit(request, ledger, command, body)
+    if isinstance(outcome, Rejected):
+        _raise_rejection(outcome)
+    return web.json_response({"data": _transaction_view(outcome)})
+
+
+def _transaction_view(outcome: Committed) -> dict:
+    transaction = dict(outcome.entry.data["transaction"])
+    transaction.setdefault("revertedAt", None)
+    transaction["updatedAt"] = transaction.get("insertedAt")
+    return transaction
+
+
+async def get_transaction(request: web.Request) -> web.Response:
+    ledger = _ledger_name(request)
+    transaction_id = request.match_info["id"]
+    if not transaction_id.isdigit():
+        raise ApiError("VALIDATION", f"transaction id {transaction_id!r} must be an integer")
+    return web.json_response(await _forward(request, f"/ledger/{ledger}/transactions/{int(transaction_id)}"))
+
+
+async def list_transactions(request: web.Request) -> web.Response:
+    ledger = _ledger_name(request)
+    page_size = _page_size(request)
+    cursor = request.query.get("cursor")
+    after = _decode_cursor(cursor) if cursor else None
+    params = {"pageSize": str(page_size)}
+    if after is not None:
+        params["after"] = str(after)
+    body = await _forward(request, f"/ledger/{ledger}/transactions", params)
+    rows = body["data"]
+    page: dict = {"pageSize": page_size, "hasMore": body["hasMore"], "data": rows}
+    if body["hasMore"] and rows:
+        page["next"] = _encode_cursor(rows[-1]["id"])
+    return web.json_response({"cursor": page})
+
+
+def _page_size(request: web.Request) -> int:
+    raw = request.query.get("pageSize", str(limits.page_size_default))
+    if not raw.isdigit() or not 1 <= int(raw) <= limits.page_size_max:
+        raise ApiError("VALIDATION", f"pageSize must be an integer from 1 to {limits.page_size_max}")
+    return int(raw)
+
+
+def _encode_cursor(after_id: int) -> str:
+    return base64.urlsafe_b64encode(json.dumps({"after": after_id}).encode()).decode().rstrip("=")
+
+
+def _decode_cursor(cursor: str) -> int:
+    try:
+        raw = json.loads(base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4)))
+        return int(raw["after"])
+    except (ValueError, KeyError, TypeError):
+        raise ApiError("VALIDATION", "invalid cursor") from None
+
+
+async def get_account(request: web.Request) -> web.Response:
+    from ledger.model import validate_address
+
+    ledger = _ledger_name(request)
+    address = validate_address(request.match_info["address"])
+    return web.json_response(await _forward(request, f"/ledger/{ledger}/accounts/{address}"))

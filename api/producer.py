@@ -1,0 +1,176 @@
+"""The gateway's side of `ledger.requests`: coalesce, produce, and wait for outcomes.
+
+Requests for one ledger that arrive within a short linger are sent as one `RequestBatch`
+record (faust's per-record cost is the ceiling of a worker, see DESIGN.md "Batching on
+the wire"). Outcomes come back on `ledger.committed` / `ledger.rejected`, read with
+`read_committed` from the end by a consumer thread that matches the `request_id` header
+against the requests this gateway is waiting for — no decoding of other gateways' records.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import threading
+import uuid
+
+from confluent_kafka import Consumer, KafkaError, Producer, TopicPartition
+
+from ledger import limits
+from ledger.commands import Request
+from ledger.machine import Committed, Rejected
+from streams import codecs
+from streams.settings import Settings
+from streams.topics import COMMITTED, REJECTED, REQUESTS, producer_config
+
+log = logging.getLogger("streamledger.gateway")
+
+
+class RequestsClient:
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self._producer = Producer(producer_config(
+            settings.bootstrap_servers, **{"linger.ms": 0, "compression.type": "lz4"}))
+        self._pending: dict[str, list[Request]] = {}
+        self._pending_count = 0
+        self._flush_handle: asyncio.TimerHandle | None = None
+        self._waiters: dict[str, asyncio.Future] = {}
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._stop = threading.Event()
+        self._ready = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._poller: threading.Thread | None = None
+
+    async def start(self) -> None:
+        self._loop = asyncio.get_running_loop()
+        self._thread = threading.Thread(target=self._consume, name="replies", daemon=True)
+        self._thread.start()
+        self._poller = threading.Thread(target=self._poll_producer, name="producer", daemon=True)
+        self._poller.start()
+        # Writes are accepted only once the reply consumer is positioned at the end of
+        # both topics: an outcome published before that would be missed.
+        ready = await self._loop.run_in_executor(None, self._ready.wait, 60)
+        if not ready:
+            raise RuntimeError(f"could not reach Kafka at {self.settings.bootstrap_servers}")
+
+    async def stop(self) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            await asyncio.get_running_loop().run_in_executor(None, self._thread.join, 10)
+        await asyncio.get_running_loop().run_in_executor(None, self._producer.flush, 5)
+
+    # -- sending ---------------------------------------------------------------------
+
+    async def submit(self, request: Request, timeout: float) -> Committed | Rejected:
+        """Produce `request` and wait for its outcome. Raises TimeoutError."""
+        assert self._loop is not None, "start() first"
+        future = self._loop.create_future()
+        self._waiters[request.request_id] = future
+        pending = self._pending.setdefault(request.ledger, [])
+        pending.append(request)
+        self._pending_count += 1
+        if len(pending) >= limits.requests_per_record_max:
+            self._flush_ledger(request.ledger)
+        elif self._flush_handle is None:
+            self._flush_handle = self._loop.call_later(self.settings.gateway_linger_ms / 1000, self._flush)
+        try:
+            return await asyncio.wait_for(future, timeout)
+        finally:
+            self._waiters.pop(request.request_id, None)
+
+    def _flush(self) -> None:
+        self._flush_handle = None
+        for ledger in list(self._pending):
+            self._flush_ledger(ledger)
+
+    def _flush_ledger(self, ledger: str) -> None:
+        requests = self._pending.pop(ledger, [])
+        if not requests:
+            return
+        self._pending_count -= len(requests)
+        payload = codecs.encode_requests(requests)
+        try:
+            self._producer.produce(REQUESTS, payload, ledger.encode(), on_delivery=self._delivered(requests))
+        except BufferError:
+            self._fail(requests, "the gateway's producer queue is full; retry later")
+        except Exception as error:  # noqa: BLE001
+            self._fail(requests, f"could not produce the request: {error}")
+
+    def _delivered(self, requests: list[Request]):
+        def callback(error, _message) -> None:
+            if error is not None:
+                log.error("request batch of %d not delivered: %s", len(requests), error)
+                assert self._loop is not None
+                self._loop.call_soon_threadsafe(self._fail, requests, f"Kafka refused the request: {error}")
+        return callback
+
+    def _fail(self, requests: list[Request], message: str) -> None:
+        for request in requests:
+            future = self._waiters.get(request.request_id)
+            if future is not None and not future.done():
+                future.set_exception(ConnectionError(message))
+
+    def _poll_producer(self) -> None:
+        while not self._stop.is_set():
+            self._producer.poll(0.1)
+
+    # -- receiving -------------------------------------------------------------------
+
+    def _consume(self) -> None:
+        consumer = Consumer({
+            "bootstrap.servers": self.settings.bootstrap_servers,
+            "group.id": f"{self.settings.app_id}-gateway-{uuid.uuid4().hex}",
+            "enable.auto.commit": False,
+            "isolation.level": "read_committed",
+            "fetch.wait.max.ms": 5,
+            "socket.nagle.disable": True,
+        })
+        try:
+            metadata = consumer.list_topics(timeout=30)
+            assignment = []
+            for topic in (COMMITTED, REJECTED):
+                partitions = metadata.topics.get(topic)
+                if partitions is None or partitions.error is not None:
+                    log.error("topic %s is missing; run `streamledger topics create`", topic)
+                    return
+                for partition in partitions.partitions:
+                    # Start at the concrete end offset: outcomes of requests produced
+                    # before this gateway started are not ours to wait for.
+                    _low, high = consumer.get_watermark_offsets(TopicPartition(topic, partition), timeout=30)
+                    assignment.append(TopicPartition(topic, partition, high))
+            consumer.assign(assignment)
+            self._ready.set()
+            while not self._stop.is_set():
+                for message in consumer.consume(1000, timeout=0.1):
+                    if message.error() is None:
+                        self._dispatch(message)
+                    elif message.error().code() != KafkaError._PARTITION_EOF:
+                        log.warning("reply consumer: %s", message.error())
+        except Exception:  # noqa: BLE001
+            log.exception("reply consumer stopped")
+        finally:
+            consumer.close()
+
+    def _dispatch(self, message) -> None:
+        request_id = None
+        for name, value in message.headers() or ():
+            if name == "request_id":
+                request_id = value.decode()
+                break
+        if request_id is None or request_id not in self._waiters:
+            return
+        try:
+            if message.topic() == COMMITTED:
+                outcome: Committed | Rejected = Committed(request_id, codecs.decode_log_entry(message.value()))
+            else:
+                outcome = codecs.decode_rejection(message.value())
+        except codecs.CodecError as error:
+            log.warning("undecodable outcome for %s: %s", request_id, error)
+            return
+        assert self._loop is not None
+        self._loop.call_soon_threadsafe(self._resolve, request_id, outcome)
+
+    def _resolve(self, request_id: str, outcome: Committed | Rejected) -> None:
+        future = self._waiters.get(request_id)
+        if future is not None and not future.done():
+            future.set_result(outcome)

@@ -1,0 +1,129 @@
+"""`streamledger worker`, `gateway` and `dev`: the long-running processes."""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import click
+
+
+def _logging(level: str) -> None:
+    logging.basicConfig(
+        level=level.upper(),
+        format="%(asctime)s %(levelname)s %(name)s %(message)s",
+    )
+
+
+@click.command()
+def worker() -> None:
+    """Run a stream worker (consumes ledger.requests, owns some partitions)."""
+    from faust import Worker as FaustWorker
+
+    from streams.settings import Settings
+    from streams.worker import create_app
+
+    from streams.topics import ensure_topics
+
+    settings = Settings()
+    ensure_topics(settings.bootstrap_servers, settings.partitions)
+    app = create_app(settings)
+    FaustWorker(app, loglevel=settings.log_level.upper(), quiet=True).execute_from_commandline()
+
+
+@click.command()
+def gateway() -> None:
+    """Run the HTTP gateway (Formance v2 API on :3068)."""
+    from aiohttp import web
+
+    from api.app import create_app
+    from streams.settings import Settings
+
+    settings = Settings()
+    _logging(settings.log_level)
+    web.run_app(
+        create_app(settings), host=settings.gateway_host, port=settings.gateway_port,
+        print=lambda _: click.echo(f"gateway listening on http://{settings.gateway_host}:{settings.gateway_port}"),
+    )
+
+
+@click.command()
+@click.option("--kafka-port", default=9092, show_default=True, help="Port of the local broker.")
+def dev(kafka_port: int) -> None:
+    """Everything on loopback: a local Kafka (unless KAFKA_BOOTSTRAP_SERVERS is set),
+    one worker and the gateway. Ctrl-C stops them all."""
+    from streams.settings import Settings
+    from streams.topics import ensure_topics
+
+    _logging("info")
+    kafka = None
+    env = dict(os.environ)
+    if "KAFKA_BOOTSTRAP_SERVERS" not in os.environ:
+        from streamledger.kafka_local import LocalKafka
+
+        kafka = LocalKafka(Path(".data/kafka"), port=kafka_port, controller_port=kafka_port + 1)
+        click.echo("starting Kafka (KRaft, one node) on 127.0.0.1:%d ..." % kafka_port)
+        kafka.start()
+        env["KAFKA_BOOTSTRAP_SERVERS"] = kafka.bootstrap_servers
+    os.environ.update(env)
+    settings = Settings()
+    ensure_topics(settings.bootstrap_servers, settings.partitions)
+    children: list[subprocess.Popen] = []
+    stopping = False
+
+    def stop(*_args) -> None:
+        nonlocal stopping
+        stopping = True
+
+    signal.signal(signal.SIGTERM, stop)
+    signal.signal(signal.SIGINT, stop)
+    try:
+        for command in ("worker", "gateway"):
+            children.append(subprocess.Popen([sys.executable, "-m", "streamledger", command], env=env))
+        _wait_healthy(f"http://{settings.gateway_host}:{settings.gateway_port}/_healthcheck", children)
+        base = f"http://{settings.gateway_host}:{settings.gateway_port}"
+        click.echo(
+            f"\nstreamledger is up.\n  gateway  {base}/v2   (Formance v2 API)\n"
+            f"  worker   {settings.worker_url}/metrics\n  kafka    {settings.bootstrap_servers}\n\n"
+            f"try:\n  curl -X POST {base}/v2/quickstart\n"
+            f"  curl -X POST {base}/v2/quickstart/transactions -d "
+            "'{\"postings\":[{\"source\":\"world\",\"destination\":\"bank\",\"amount\":100,\"asset\":\"USD\"}]}'\n"
+            f"  curl {base}/v2/quickstart/accounts/bank\n\nCtrl-C stops everything.\n"
+        )
+        while not stopping and all(child.poll() is None for child in children):
+            time.sleep(0.2)
+    finally:
+        for child in children:
+            if child.poll() is None:
+                child.terminate()
+        for child in children:
+            try:
+                child.wait(30)
+            except subprocess.TimeoutExpired:
+                child.kill()
+        if kafka is not None:
+            kafka.stop()
+
+
+def _wait_healthy(url: str, children: list[subprocess.Popen], timeout: float = 120) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if any(child.poll() is not None for child in children):
+            raise click.ClickException("a process exited during start-up; see its log above")
+        try:
+            with urllib.request.urlopen(url, timeout=1):
+                return
+        except OSError:
+            time.sleep(0.3)
+    raise click.ClickException(f"the gateway did not become healthy at {url} in {timeout:.0f}s")
+
+
+def register(main: click.Group) -> None:
+    for command in (worker, gateway, dev):
+        main.add_command(command)

@@ -1,0 +1,17 @@
+"""Prometheus metrics of the worker, served on the worker's web port at /metrics."""
+
+from prometheus_client import Counter, Gauge, Histogram
+
+applied = Counter("streamledger_applied_total", "Requests committed to the log", ["ledger"])
+rejected = Counter("streamledger_rejected_total", "Requests rejected", ["ledger"])
+batch_requests = Histogram(
+    "streamledger_batch_requests", "Requests per applied batch",
+    buckets=(1, 10, 50, 100, 250, 500, 1000, 2000, 4000),
+)
+batch_seconds = Histogram(
+    "streamledger_batch_seconds", "Seconds to apply and commit one batch",
+    buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5),
+)
+recovered_records = Gauge(
+    "streamledger_recovered_records", "Log records replayed at the last recovery", ["partition"]
+)

@@ -1,0 +1,268 @@
+"""One partition's writer: its RocksDB store, its transactional producer, its recovery.
+
+A `PartitionProcessor` is the single serial writer of every ledger whose key hashes to its
+partition. Everything here is blocking (confluent-kafka and RocksDB calls); the faust
+worker runs it in a thread so the event loop keeps serving queries and heartbeats.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from confluent_kafka import Consumer, KafkaError, KafkaException, Producer, TopicPartition
+
+from ledger.errors import LedgerError, ValidationError
+from ledger.machine import Committed, Rejected, Replayed, execute, project_entry, project_rejection
+from ledger.model import LogEntry
+from ledger.state import HEAD, Head, Overlay
+from streams import codecs
+from streams.settings import Settings
+from streams.store import PartitionStore, rocksdb_options
+from streams.topics import COMMITTED, REJECTED, partition_for, producer_config
+
+log = logging.getLogger("streamledger.processor")
+
+
+@dataclass
+class BatchResult:
+    committed: int = 0
+    rejected: int = 0
+    replayed: int = 0
+    per_ledger: dict[str, list[int]] = field(default_factory=dict)  # ledger -> [applied, rejected]
+
+
+class PartitionProcessor:
+    def __init__(self, settings: Settings, partition: int, clock=time.time) -> None:
+        self.settings = settings
+        self.partition = partition
+        self._clock = clock
+        path = Path(settings.data_dir) / settings.app_id / f"partition-{partition:04d}"
+        self.store = PartitionStore(
+            path, rocksdb_options(settings.rocksdb_block_cache_mb, settings.rocksdb_write_buffer_mb)
+        )
+        self.transactional_id = f"{settings.app_id}-ledger-{partition}"
+        self._producer: Producer | None = None
+        self.recovered_entries = 0
+
+    # -- lifecycle -------------------------------------------------------------------
+
+    def open(self) -> None:
+        """Fence the previous owner, then catch the store up from the log.
+
+        1. init_transactions() with this partition's transactional.id: any producer of a
+           previous owner (a zombie) is fenced, and its open transaction aborted.
+        2. Read ledger.committed and ledger.rejected (read_committed) from the positions
+           the store recorded, and project what the store does not reflect yet.
+        Only then does the worker apply new requests of this partition.
+        """
+        self._producer = self._new_producer()
+        started = time.monotonic()
+        self.recovered_entries = self.recover()
+        log.info(
+            "partition %d ready: replayed %d log records in %.2fs",
+            self.partition, self.recovered_entries, time.monotonic() - started,
+        )
+
+    def close(self) -> None:
+        if self._producer is not None:
+            self._producer.flush(5)
+            self._producer = None
+        self.store.close()
+
+    def _new_producer(self) -> Producer:
+        producer = Producer(producer_config(
+            self.settings.bootstrap_servers,
+            **{
+                "transactional.id": self.transactional_id,
+                "linger.ms": 0,
+                "compression.type": "lz4",
+                "transaction.timeout.ms": 60_000,
+            },
+        ))
+        producer.init_transactions(30)
+        return producer
+
+    # -- recovery ----------------------------------------------------------------------
+
+    def recover(self) -> int:
+        replayed = 0
+        for topic in (COMMITTED, REJECTED):
+            replayed += self._catch_up(topic)
+        return replayed
+
+    def _catch_up(self, topic: str) -> int:
+        start = self.store.position(topic) or 0
+        consumer = Consumer({
+            "bootstrap.servers": self.settings.bootstrap_servers,
+            "group.id": f"{self.settings.app_id}-recovery",
+            "enable.auto.commit": False,
+            "isolation.level": "read_committed",
+            "enable.partition.eof": True,
+            "auto.offset.reset": "earliest",
+        })
+        count = 0
+        try:
+            low, high = consumer.get_watermark_offsets(TopicPartition(topic, self.partition), timeout=10)
+            if high <= start:
+                return 0
+            consumer.assign([TopicPartition(topic, self.partition, max(start, low))])
+            overlay = Overlay(self.store)
+            position = start
+            while True:
+                messages = consumer.consume(10_000, timeout=1.0)
+                done = False
+                for message in messages:
+                    error = message.error()
+                    if error is not None:
+                        if error.code() == KafkaError._PARTITION_EOF:
+                            done = True
+                            continue
+                        raise KafkaException(error)
+                    self._replay_record(overlay, topic, message.value())
+                    position = message.offset() + 1
+                    count += 1
+                if count and (count % 100_000 < len(messages)):
+                    log.info("partition %d: replayed %d records of %s", self.partition, count, topic)
+                if done:
+                    break
+            self.store.commit(overlay.writes(), {topic: max(position, start)})
+        finally:
+            consumer.close()
+        return count
+
+    def _replay_record(self, overlay: Overlay, topic: str, payload: bytes) -> None:
+        if topic == REJECTED:
+            project_rejection(overlay, codecs.decode_rejection(payload))
+            return
+        entry = codecs.decode_log_entry(payload)
+        head = overlay.get((HEAD, entry.ledger)) or Head()
+        if entry.id > 0 and entry.id <= head.last_log_id:  # type: ignore[union-attr]
+            return  # already reflected
+        project_entry(overlay, entry)
+
+    # -- the write path ----------------------------------------------------------------
+
+    def process(self, payloads: list[bytes | None]) -> BatchResult:
+        """Apply a batch of `ledger.requests` record values and emit their outcomes.
+
+        The order of a commit (check crash cases one by one):
+          1. apply every request to an in-memory overlay of the store (pure, no I/O
+             but store reads);
+          2. begin a Kafka transaction; produce log entries to ledger.committed and
+             rejections to ledger.rejected;
+          3. commit the Kafka transaction (flushes; a crash before this aborts it, and
+             the requests are redelivered and applied again from the unchanged store);
+          4. write the overlay and the new log positions to RocksDB in one write batch
+             (a crash before this leaves the store behind the log; recovery replays the
+             missing entries from the recorded position);
+          5. faust commits the consumer offsets of the requests later (a crash before
+             that redelivers requests, which are recognised by request id).
+        """
+        now = int(self._clock() * 1_000_000)
+        overlay = Overlay(self.store)
+        outcomes: list[Committed | Rejected] = []
+        result = BatchResult()
+        for payload in payloads:
+            for request_or_rejection in self._decode(payload, now):
+                if isinstance(request_or_rejection, Rejected):
+                    outcome = request_or_rejection
+                    project_rejection(overlay, outcome)
+                else:
+                    outcome = execute(overlay, request_or_rejection, now)
+                if isinstance(outcome, Replayed):
+                    result.replayed += 1
+                    continue
+                outcomes.append(outcome)
+                counts = result.per_ledger.setdefault(_ledger_of(outcome), [0, 0])
+                if isinstance(outcome, Committed):
+                    result.committed += 1
+                    counts[0] += 1
+                else:
+                    result.rejected += 1
+                    counts[1] += 1
+        positions = self._emit(outcomes)
+        self.store.commit(overlay.writes(), positions)
+        return result
+
+    def _decode(self, payload: bytes | None, now: int) -> list:
+        try:
+            records = codecs.decode_requests(payload)  # type: ignore[arg-type]
+        except codecs.CodecError as error:
+            log.warning("partition %d: dropped a record that is not a request: %s", self.partition, error)
+            return []
+        decoded: list = []
+        for record in records:
+            try:
+                owner = partition_for(record["ledger"].encode(), self.settings.partitions)
+                if owner != self.partition:
+                    raise ValidationError(
+                        f"request for ledger '{record['ledger']}' arrived on partition "
+                        f"{self.partition}, but the ledger belongs to partition {owner}: "
+                        "producers must key by ledger name with the murmur2 partitioner"
+                    )
+                decoded.append(codecs.request_from_record(record))
+            except LedgerError as error:
+                decoded.append(Rejected(
+                    record["request_id"], record["ledger"], error.code, error.message,
+                    {}, now,
+                ))
+        return decoded
+
+    def _emit(self, outcomes: list[Committed | Rejected]) -> dict[str, int]:
+        if not outcomes:
+            return {}
+        assert self._producer is not None, "process() before open()"
+        producer = self._producer
+        offsets: dict[str, int] = {}
+
+        def delivered(error, message) -> None:
+            if error is None:
+                topic = message.topic()
+                offsets[topic] = max(offsets.get(topic, 0), message.offset() + 1)
+
+        try:
+            producer.begin_transaction()
+            self._produce_all(producer, outcomes, delivered)
+            producer.flush(60)
+            producer.commit_transaction(60)
+        except KafkaException:
+            # Whatever failed (a timeout, a fenced or failed transaction), this batch is
+            # not in the log. Abort, start over with a new producer (a late commit or abort
+            # of the old transaction must not land on a later one), and let the caller
+            # retry the batch from the unchanged store.
+            self._reset_producer()
+            raise
+        return offsets
+
+    def _reset_producer(self) -> None:
+        old, self._producer = self._producer, None
+        if old is not None:
+            try:
+                old.abort_transaction(10)
+            except KafkaException as error:
+                log.warning("partition %d: abort failed (%s); re-initialising", self.partition, error)
+        self._producer = self._new_producer()
+
+    def _produce_all(self, producer: Producer, outcomes: list, delivered) -> None:
+        for outcome in outcomes:
+            if isinstance(outcome, Committed):
+                entry = outcome.entry
+                producer.produce(
+                    COMMITTED, codecs.encode_log_entry(entry), entry.ledger.encode(),
+                    partition=self.partition, on_delivery=delivered,
+                    headers=[("request_id", entry.request_id.encode())],
+                )
+            else:
+                producer.produce(
+                    REJECTED, codecs.encode_rejection(outcome), outcome.ledger.encode(),
+                    partition=self.partition, on_delivery=delivered,
+                    headers=[("request_id", outcome.request_id.encode())],
+                )
+            producer.poll(0)
+
+
+def _ledger_of(outcome: Committed | Rejected) -> str:
+    return outcome.entry.ledger if isinstance(outcome, Committed) else outcome.ledger

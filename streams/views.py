@@ -1,0 +1,108 @@
+"""Query views on the worker's web server: reads served from the owning worker's store.
+
+Each view is routed by ledger name with faust's `topic_route` on `ledger.requests`: a query
+that reaches a worker which does not own the ledger's partition is forwarded to the owner.
+Views take only the path and query string (faust forwards neither bodies nor methods other
+than the original), and answer JSON in Formance's shapes; the gateway wraps them.
+"""
+
+from __future__ import annotations
+
+import faust
+from faust.web import Request, Response, View
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+
+from ledger import render
+from ledger.state import ACCOUNT, LEDGER, TRANSACTION, VOLUMES, AccountRecord
+from streams.topics import partition_for
+
+
+def register(app: faust.App, worker, requests_topic) -> None:
+    settings = app.streamledger_settings  # type: ignore[attr-defined]
+
+    async def store_for(ledger: str):
+        partition = partition_for(ledger.encode(), settings.partitions)
+        processor = await worker.processor(partition)
+        return processor.store
+
+    def not_found(view: View, code: str, message: str) -> Response:
+        return view.json({"errorCode": code, "errorMessage": message}, status=404)
+
+    @app.page("/ledger/{ledger}")
+    class LedgerView(View):
+        @app.topic_route(requests_topic, match_info="ledger")
+        async def get(self, request: Request, ledger: str) -> Response:
+            store = await store_for(ledger)
+            info = store.get((LEDGER, ledger))
+            if info is None:
+                return not_found(self, "LEDGER_NOT_FOUND", f"ledger '{ledger}' not found")
+            return self.json({"data": render.ledger_json(info)})
+
+    @app.page("/ledger/{ledger}/transactions/{id}")
+    class TransactionView(View):
+        @app.topic_route(requests_topic, match_info="ledger")
+        async def get(self, request: Request, ledger: str, id: str) -> Response:  # noqa: A002
+            store = await store_for(ledger)
+            if store.get((LEDGER, ledger)) is None:
+                return not_found(self, "LEDGER_NOT_FOUND", f"ledger '{ledger}' not found")
+            transaction = store.get((TRANSACTION, ledger, int(id))) if id.isdigit() else None
+            if transaction is None:
+                return not_found(self, "NOT_FOUND", f"transaction {id} not found")
+            return self.json({"data": render.transaction_json(transaction)})
+
+    @app.page("/ledger/{ledger}/transactions")
+    class TransactionsView(View):
+        @app.topic_route(requests_topic, match_info="ledger")
+        async def get(self, request: Request, ledger: str) -> Response:
+            store = await store_for(ledger)
+            if store.get((LEDGER, ledger)) is None:
+                return not_found(self, "LEDGER_NOT_FOUND", f"ledger '{ledger}' not found")
+            page_size = int(request.query.get("pageSize", "15"))
+            after = request.query.get("after")  # ids strictly below this (descending order)
+            start = (TRANSACTION, ledger, int(after) - 1) if after else None
+            if start is not None and start[2] < 0:
+                return self.json({"data": [], "hasMore": False})
+            rows = []
+            for _key, transaction in store.scan((TRANSACTION, ledger), start=start, reverse=True):
+                rows.append(transaction)
+                if len(rows) > page_size:
+                    break
+            has_more = len(rows) > page_size
+            return self.json({
+                "data": [render.transaction_json(t) for t in rows[:page_size]],
+                "hasMore": has_more,
+            })
+
+    @app.page("/ledger/{ledger}/accounts/{address}")
+    class AccountView(View):
+        @app.topic_route(requests_topic, match_info="ledger")
+        async def get(self, request: Request, ledger: str, address: str) -> Response:
+            store = await store_for(ledger)
+            if store.get((LEDGER, ledger)) is None:
+                return not_found(self, "LEDGER_NOT_FOUND", f"ledger '{ledger}' not found")
+            record = store.get((ACCOUNT, ledger, address))
+            volumes = {}
+            prefix_length = len(f"V\x00{ledger}\x00{address}\x00".encode())
+            for key, value in store.scan((VOLUMES, ledger, address)):
+                volumes[key[prefix_length:].decode()] = value
+            assert record is None or isinstance(record, AccountRecord)
+            return self.json({"data": render.account_json(record, address, volumes)})
+
+    @app.page("/metrics")
+    class MetricsView(View):
+        async def get(self, request: Request) -> Response:
+            return self.bytes(generate_latest(), content_type=CONTENT_TYPE_LATEST.split(";")[0])
+
+
+def register_listing(app: faust.App, worker) -> None:
+    """`/ledgers`: the ledgers of every partition this worker owns."""
+
+    @app.page("/ledgers")
+    class LedgersView(View):
+        async def get(self, request: Request) -> Response:
+            rows = []
+            for processor in list(worker.processors.values()):
+                for _key, info in processor.store.scan((LEDGER,)):
+                    rows.append(render.ledger_json(info))
+            rows.sort(key=lambda row: row["name"])
+            return self.json({"data": rows})
