@@ -65,9 +65,9 @@ def dev(kafka_port: int) -> None:
     kafka = None
     env = dict(os.environ)
     if "KAFKA_BOOTSTRAP_SERVERS" not in os.environ:
-        from streamledger.kafka_local import LocalKafka
+        from streamledger.kafka_local import LocalKafka, default_data_dir
 
-        kafka = LocalKafka(Path(".data/kafka"), port=kafka_port, controller_port=kafka_port + 1)
+        kafka = LocalKafka(default_data_dir(), port=kafka_port)
         click.echo("starting Kafka (KRaft, one node) on 127.0.0.1:%d ..." % kafka_port)
         kafka.start()
         env["KAFKA_BOOTSTRAP_SERVERS"] = kafka.bootstrap_servers

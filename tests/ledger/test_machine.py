@@ -1,0 +1,167 @@
+"""Table-driven tests of the state machine's rules (Formance v2 behaviours)."""
+
+from __future__ import annotations
+
+import pytest
+
+from ledger.commands import CreateLedger, Request, create_transaction_from_json
+from ledger.errors import NoPostings, ValidationError
+from ledger.machine import Committed, Rejected, Replayed, execute
+from ledger.state import HEAD, MemoryStore, Overlay
+from tests.ledger.helpers import Ledger, posting
+
+
+def test_funds_a_bank_account_from_world():
+    ledger = Ledger()
+    outcome = ledger.transfer(posting("world", "bank", 100))
+    assert isinstance(outcome, Committed)
+    assert outcome.entry.id == 1 and outcome.entry.data["transaction"]["id"] == 1
+    assert ledger.balance("bank") == 100 and ledger.balance("world") == -100
+
+
+def test_rejects_transaction_when_funds_are_insufficient():
+    """Only `world` may go negative; the rejection says what was needed and available."""
+    ledger = Ledger()
+    ledger.transfer(posting("world", "alice", 30))
+    outcome = ledger.transfer(posting("alice", "bob", 31))
+    assert isinstance(outcome, Rejected) and outcome.code == "INSUFFICIENT_FUND"
+    assert outcome.details == {"account": "alice", "asset": "USD/2", "needed": 31, "available": 30}
+    assert ledger.balance("alice") == 30 and ledger.balance("bob") == 0
+
+
+def test_checks_funds_posting_by_posting_within_a_transaction():
+    """Balances are tracked across postings: a later posting may spend an earlier one."""
+    ledger = Ledger()
+    ok = ledger.transfer(posting("world", "a", 10), posting("a", "b", 10), posting("b", "c", 10))
+    assert isinstance(ok, Committed)
+    refused = ledger.transfer(posting("c", "d", 10), posting("c", "e", 1))
+    assert isinstance(refused, Rejected) and refused.details["account"] == "c"
+    assert ledger.balance("c") == 10
+
+
+def test_force_allows_overdraft():
+    ledger = Ledger()
+    outcome = ledger.transfer(posting("alice", "bob", 5), force=True)
+    assert isinstance(outcome, Committed)
+    assert ledger.balance("alice") == -5
+
+
+def test_duplicate_reference_is_a_conflict():
+    ledger = Ledger()
+    assert isinstance(ledger.transfer(posting("world", "a", 1), reference="ref-1"), Committed)
+    outcome = ledger.transfer(posting("world", "a", 1), reference="ref-1")
+    assert isinstance(outcome, Rejected) and outcome.code == "CONFLICT"
+    assert ledger.balance("a") == 1
+
+
+def test_writes_to_a_ledger_that_was_not_created_are_refused():
+    store = MemoryStore()
+    request = Request("r", "ghost", create_transaction_from_json({"postings": [posting("world", "a", 1)]}))
+    outcome = execute(Overlay(store), request, 1)
+    assert isinstance(outcome, Rejected) and outcome.code == "LEDGER_NOT_FOUND"
+
+
+def test_creating_a_ledger_twice_is_refused():
+    ledger = Ledger()
+    outcome = ledger.run(CreateLedger())
+    assert isinstance(outcome, Rejected) and outcome.code == "LEDGER_ALREADY_EXISTS"
+
+
+def test_ids_are_gapless_from_one_and_rejections_consume_none():
+    ledger = Ledger()
+    ids = []
+    for amount in (1, 10**6, 2, 3):
+        outcome = ledger.transfer(posting("world" if amount != 10**6 else "nobody", "a", amount))
+        if isinstance(outcome, Committed):
+            ids.append((outcome.entry.id, outcome.entry.data["transaction"]["id"]))
+    assert ids == [(1, 1), (2, 2), (3, 3)]
+
+
+def test_a_redelivered_request_id_is_applied_once_and_answers_the_original_outcome():
+    ledger = Ledger()
+    first = ledger.transfer(posting("world", "a", 5))
+    again = ledger.run(create_transaction_from_json({"postings": [posting("world", "a", 5)]}),
+                       request_id=first.request_id)
+    assert isinstance(again, Replayed) and not again.idempotency_hit
+    assert again.original.log_id == first.entry.id
+    assert ledger.balance("a") == 5
+
+
+def test_a_redelivered_rejected_request_answers_the_original_rejection():
+    ledger = Ledger()
+    first = ledger.transfer(posting("a", "b", 5))
+    again = ledger.run(create_transaction_from_json({"postings": [posting("a", "b", 5)]}),
+                       request_id=first.request_id)
+    assert isinstance(again, Replayed) and again.original.code == "INSUFFICIENT_FUND"
+
+
+def test_idempotency_key_replays_the_original_and_refuses_a_different_input():
+    ledger = Ledger()
+    command = create_transaction_from_json({"postings": [posting("world", "a", 5)]})
+    first = ledger.run(command, idempotency_key="k", idempotency_hash="h1")
+    hit = ledger.run(command, idempotency_key="k", idempotency_hash="h1")
+    assert isinstance(hit, Replayed) and hit.idempotency_hit and hit.original.log_id == first.entry.id
+    mismatch = ledger.run(command, idempotency_key="k", idempotency_hash="h2")
+    assert isinstance(mismatch, Rejected) and mismatch.code == "VALIDATION"
+    assert ledger.balance("a") == 5
+
+
+def test_dry_run_computes_without_consuming_ids_or_moving_money():
+    ledger = Ledger()
+    dry = ledger.run(create_transaction_from_json({"postings": [posting("world", "a", 5)]}), dry_run=True)
+    assert isinstance(dry, Committed) and dry.entry.id == 1
+    assert ledger.balance("a") == 0 and ledger.store.get((HEAD, "main")) is None
+    real = ledger.transfer(posting("world", "a", 5))
+    assert real.entry.id == 1
+
+
+def test_log_entries_chain_their_hashes():
+    ledger = Ledger()
+    first = ledger.transfer(posting("world", "a", 1)).entry
+    second = ledger.transfer(posting("world", "a", 1)).entry
+    from ledger.hashchain import chain, entry_line, memento_of
+
+    line = entry_line(second.type, memento_of(second.type, second.data), second.date)
+    assert chain(first.hash, line) == second.hash
+
+
+def test_post_commit_volumes_are_in_the_transaction():
+    ledger = Ledger()
+    ledger.transfer(posting("world", "a", 7))
+    transaction = ledger.transfer(posting("a", "b", 3)).entry.data["transaction"]
+    assert transaction["postCommitVolumes"]["a"]["USD/2"] == {"input": 7, "output": 3, "balance": 4}
+    assert transaction["postCommitVolumes"]["b"]["USD/2"] == {"input": 3, "output": 0, "balance": 3}
+
+
+@pytest.mark.parametrize(
+    ("body", "error"),
+    [
+        ({"postings": []}, NoPostings),
+        ({}, NoPostings),
+        ({"postings": [posting("world", "a b", 1)]}, ValidationError),
+        ({"postings": [posting("world", "a", -1)]}, ValidationError),
+        ({"postings": [posting("world", "a", 1.5)]}, ValidationError),
+        ({"postings": [posting("world", "a", True)]}, ValidationError),
+        ({"postings": [posting("world", "a", 1, "usd")]}, ValidationError),
+        ({"postings": [posting("world", "a", 1)], "timestamp": "nope"}, ValidationError),
+        ({"postings": [posting("world", "a", 1)], "metadata": {"k": 1}}, ValidationError),
+        ({"postings": [posting("world", "a", 1)], "script": {"plain": ""}}, ValidationError),
+        ([1, 2], ValidationError),
+    ],
+)
+def test_rejects_malformed_transaction_bodies(body, error):
+    with pytest.raises(error):
+        create_transaction_from_json(body)
+
+
+@pytest.mark.parametrize("asset", ["USD", "USD/2", "EUR_STRIPE/2", "A1234567890123456", "COIN/123456"])
+def test_accepts_formance_assets(asset):
+    create_transaction_from_json({"postings": [posting("world", "a", 1, asset)]})
+
+
+def test_amounts_of_any_size_are_exact():
+    ledger = Ledger()
+    huge = 10**60 + 7
+    ledger.transfer(posting("world", "a", huge))
+    ledger.transfer(posting("a", "b", huge - 1))
+    assert ledger.balance("a") == 1 and ledger.balance("world") == -huge
