@@ -22,6 +22,9 @@ class Settings:
     partitions: int = field(default_factory=lambda: int(_env("STREAMLEDGER_PARTITIONS", "8")))
     data_dir: Path = field(default_factory=lambda: Path(_env("STREAMLEDGER_DATA_DIR", ".data")))
     worker_host: str = field(default_factory=lambda: _env("STREAMLEDGER_WORKER_HOST", "127.0.0.1"))
+    # The host other workers and the gateway use to reach this worker (docker: its service name).
+    worker_advertised_host: str = field(default_factory=lambda: _env(
+        "STREAMLEDGER_WORKER_ADVERTISED_HOST", _env("STREAMLEDGER_WORKER_HOST", "127.0.0.1")))
     worker_port: int = field(default_factory=lambda: int(_env("STREAMLEDGER_WORKER_PORT", "6066")))
     worker_url: str = field(default_factory=lambda: _env("STREAMLEDGER_WORKER_URL", "http://127.0.0.1:6066"))
     gateway_host: str = field(default_factory=lambda: _env("STREAMLEDGER_GATEWAY_HOST", "127.0.0.1"))

@@ -1,0 +1,50 @@
+# Two commands for a newcomer: `make dev` runs everything on loopback, `make test` runs the
+# whole suite. Both set up what they need: the venv, the packages, the Kafka jars.
+
+PYTHON ?= python3
+VENV   := .venv
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.installed-$(shell cat pyproject.toml | sha1sum | cut -c1-12)
+SHARED := ../shared/conformance
+
+.PHONY: install jars dev test test-unit chaos bench bench-quick conformance clean
+
+$(STAMP): pyproject.toml
+	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+	$(BIN)/python -m pip install -q -e ".[test]"
+	@rm -f $(VENV)/.installed-*
+	@touch $(STAMP)
+
+install: $(STAMP)
+
+jars: install
+	@$(BIN)/python -c "from streamledger.kafka_local import ensure_jars; print('kafka jars:', ensure_jars())"
+
+dev: jars
+	$(BIN)/streamledger dev
+
+test: jars
+	$(BIN)/python -m pytest -q -p no:cacheprovider
+	@if [ -d $(SHARED)/numscript ]; then \
+		$(BIN)/streamledger numscript test $(SHARED)/numscript; \
+	else echo "skipped: Numscript conformance ($(SHARED)/numscript not found)"; fi
+
+test-unit: install
+	$(BIN)/python -m pytest -q -p no:cacheprovider -m "not integration"
+
+conformance: install
+	$(BIN)/streamledger numscript test $(SHARED)/numscript
+	$(BIN)/streamledger verify $(SHARED)/formance/logs-v2.1-hashchain.jsonl
+
+chaos: jars
+	$(BIN)/python bench/chaos.py
+
+bench: jars
+	$(BIN)/python bench/throughput.py
+
+bench-quick: jars
+	$(BIN)/python bench/throughput.py --quick
+
+clean:
+	rm -rf $(VENV) .data build *.egg-info
