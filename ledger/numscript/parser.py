@@ -47,6 +47,8 @@ def _parse_cached(source: str) -> ir.Program:
     except lark.exceptions.VisitError as error:
         if isinstance(error.orig_exc, ParseError):
             raise error.orig_exc from None
+        if isinstance(error.orig_exc, RecursionError):
+            raise ParseError("script nested too deeply", 1, 1) from None
         raise
     except lark.exceptions.UnexpectedInput as error:
         raise _syntax_error(source, error) from None
@@ -88,11 +90,19 @@ def _syntax_error(source: str, error: lark.exceptions.UnexpectedInput) -> ParseE
     if isinstance(error, lark.exceptions.UnexpectedCharacters):
         return ParseError(f"unexpected character {error.char!r}", line, column)
     token = getattr(error, "token", None)
+    if token is not None and token.type == "$END":
+        return ParseError(f"unexpected end of script{_expected(error)}", line, column)
     return ParseError(f"unexpected {str(token)!r}{_expected(error)}", line, column)
 
 
 def _expected(error: lark.exceptions.UnexpectedInput) -> str:
-    names = getattr(error, "expected", None) or getattr(error, "allowed", None) or ()
+    # `accepts` includes keywords that the lexer folds into IDENTIFIER in `expected`.
+    names = (
+        getattr(error, "accepts", None)
+        or getattr(error, "expected", None)
+        or getattr(error, "allowed", None)
+        or ()
+    )
     shown = []
     for name in sorted(names):
         try:
@@ -101,8 +111,10 @@ def _expected(error: lark.exceptions.UnexpectedInput) -> str:
             continue
         if isinstance(pattern, lark.lexer.PatternStr):
             shown.append(repr(pattern.value))
-        elif name != "$END":
+        else:
             shown.append(name.lower())
+    if "$END" in names:
+        shown.append("end of script")
     return f", expected one of: {', '.join(shown)}" if shown else ""
 
 
