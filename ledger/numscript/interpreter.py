@@ -46,7 +46,7 @@ from ledger.numscript.errors import (
     StepsExceeded,
     TypeCheckError,
 )
-from ledger.numscript.values import Account, Asset, Monetary
+from ledger.numscript.values import Monetary
 
 WORLD = "world"
 
@@ -414,7 +414,7 @@ class AccountLiteral(Expr):
         name = ":".join(parts)
         if not v.account_pattern.fullmatch(name):
             raise InvalidValue(f"'{name}' is not a valid account name", account=name)
-        return Account(name)
+        return name
 
 
 class Neg(Expr):
@@ -546,7 +546,7 @@ class AssetOf(Expr):
 
 def _asset_of(amount: Expr) -> Expr:
     if type(amount) is Const:
-        return Const(Asset(amount.value.asset), v.ASSET)  # type: ignore[attr-defined]
+        return Const(amount.value.asset, v.ASSET)  # type: ignore[attr-defined]
     if isinstance(amount, MonetaryLiteral):
         return amount.asset
     return AssetOf(amount)
@@ -614,7 +614,7 @@ class Call(Expr):
             amount = st.balance(account, asset)  # type: ignore[arg-type]
             return Monetary(asset, -amount if amount < 0 else 0)  # type: ignore[arg-type]
         if name == "get_asset":
-            return Asset(args[0].asset)  # type: ignore[attr-defined]
+            return args[0].asset  # type: ignore[attr-defined]
         assert name == "get_amount", name
         return args[0].amount  # type: ignore[attr-defined]
 
@@ -723,9 +723,6 @@ def _plan_read(ctx: CheckContext, account: Expr, asset: Expr | None, color: Expr
         ctx.query.setdefault(account.value, set()).add(key)  # type: ignore[arg-type]
     elif account.pure and asset.pure and (color is None or color.pure):
         ctx.dynamic_query.append((account, asset, color))
-
-
-UNBOUNDED = None
 
 
 class AccountSource(Source):
@@ -1196,7 +1193,7 @@ class SetAccountMeta(Statement):
 
     def run(self, st: State) -> None:
         st.step()
-        account = str.__str__(self.account.ev(st))  # type: ignore[arg-type]
+        account = self.account.ev(st)
         row = st.account_metadata.setdefault(account, {})
         row[self.key.ev(st)] = v.to_metadata(self.value.ev(st))  # type: ignore[index]
 

@@ -22,7 +22,6 @@ from ledger import limits
 from ledger.numscript import interpreter as ir
 from ledger.numscript import values as v
 from ledger.numscript.errors import ParseError, SourceTooLarge, TypeCheckError
-from ledger.numscript.values import Account, Asset
 
 
 @functools.cache
@@ -156,12 +155,12 @@ class _Builder(Transformer):
             for s in token[1:].split(":")
         ]
         if all(type(s) is str for s in segments):
-            return ir.Const(Account(token[1:]), v.ACCOUNT).at(token.line, token.column)
+            return ir.Const(token[1:], v.ACCOUNT).at(token.line, token.column)
         return ir.AccountLiteral(segments).at(token.line, token.column)
 
     @v_args(meta=False)
     def ASSET(self, token: Token) -> ir.Expr:
-        return ir.Const(Asset(str(token)), v.ASSET).at(token.line, token.column)
+        return ir.Const(str(token), v.ASSET).at(token.line, token.column)
 
     @v_args(meta=False)
     def STRING(self, token: Token) -> ir.Expr:
@@ -202,11 +201,9 @@ class _Builder(Transformer):
         return pragmas, var_decls, statements
 
     def pragma(self, meta, children):
-        flags = tuple(child.value for child in children)  # STRING tokens are Consts by now
-        for flag, child in zip(flags, children):
-            if flag not in ir.FEATURE_FLAGS:
-                raise ParseError(f"unknown feature {flag!r}", child.line, child.column)
-        return flags
+        # Like Formance, a pragma may name any flag: an unknown one enables nothing, and a
+        # misspelt one shows up as FeatureNotEnabled for the feature actually used.
+        return tuple(child.value for child in children)  # STRING tokens are Consts by now
 
     def vars_block(self, meta, children):
         return list(children)

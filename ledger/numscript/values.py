@@ -7,11 +7,13 @@ Values are plain Python objects so the interpreter stays fast:
 | number         | `int`                                      |
 | portion        | `fractions.Fraction`                       |
 | monetary       | `Monetary(asset, amount)` (amount an int)   |
-| account        | `Account` (a `str` subclass, without `@`)  |
-| asset          | `Asset` (a `str` subclass)                 |
+| account        | `str`, the address without `@`             |
+| asset          | `str`, e.g. `USD/2`                        |
 | string         | `str`                                      |
 
-Money is never a float.
+Accounts, assets and strings share `str` because every expression's type is known at
+parse time (see `interpreter.Expr.check`); nothing at run time needs to tell them apart,
+and postings then carry plain strings. Money is never a float.
 """
 
 from __future__ import annotations
@@ -29,18 +31,6 @@ NUMBER = "number"
 PORTION = "portion"
 STRING = "string"
 TYPES = frozenset({ACCOUNT, ASSET, MONETARY, NUMBER, PORTION, STRING})
-
-
-class Account(str):
-    """An account address, e.g. `users:001` (no leading `@`)."""
-
-    __slots__ = ()
-
-
-class Asset(str):
-    """An asset code, e.g. `USD/2`, or a colored one, `USD_RED/2`."""
-
-    __slots__ = ()
 
 
 class Monetary(NamedTuple):
@@ -61,35 +51,15 @@ _fraction_pattern = re.compile(r"([0-9]+)\s*/\s*([0-9]+)")
 _scale_pattern = re.compile(r"[0-9]+")
 
 
-def type_of(value: object) -> str:
-    """The Numscript type name of a run-time value."""
-    kind = type(value)
-    if kind is int:
-        return NUMBER
-    if kind is Monetary:
-        return MONETARY
-    if kind is Account:
-        return ACCOUNT
-    if kind is Asset:
-        return ASSET
-    if kind is Fraction:
-        return PORTION
-    assert kind is str, f"not a Numscript value: {value!r}"
-    return STRING
-
-
 def to_metadata(value: object) -> str:
     """Stringify a value the way Formance writes it into metadata.
 
     `12%` becomes `3/25` (a portion is always written as a fraction, `1/1` for 100%),
     a monetary `USD/2 7`, an account its address without `@`.
     """
-    kind = type(value)
-    if kind is Fraction:
-        return f"{value.numerator}/{value.denominator}"  # type: ignore[union-attr]
-    if kind is int or kind is Monetary:
-        return str(value)
-    return str.__str__(value)  # type: ignore[arg-type]
+    if type(value) is Fraction:
+        return f"{value.numerator}/{value.denominator}"
+    return str(value)
 
 
 def parse_integer(text: str) -> int | None:
@@ -135,7 +105,7 @@ def parse_monetary(text: str) -> Monetary:
     amount = parse_integer(amount_text)
     if amount is None:
         raise ValueError("the amount is not an integer")
-    return Monetary(Asset(asset), amount)
+    return Monetary(asset, amount)
 
 
 def parse_typed(type_name: str, text: str) -> object:
@@ -143,11 +113,11 @@ def parse_typed(type_name: str, text: str) -> object:
     if type_name == ACCOUNT:
         if not account_pattern.fullmatch(text):
             raise ValueError("an account is segments of [a-zA-Z0-9_-] separated by ':'")
-        return Account(text)
+        return text
     if type_name == ASSET:
         if not asset_pattern.fullmatch(text):
             raise ValueError("an asset looks like USD or USD/2")
-        return Asset(text)
+        return text
     if type_name == NUMBER:
         number = parse_integer(text)
         if number is None:

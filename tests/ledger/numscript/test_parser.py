@@ -73,9 +73,11 @@ def test_max_clauses_cannot_mix_with_portions():
     assert caught.value.line == 3
 
 
-def test_unknown_feature_in_pragma_is_rejected():
-    with pytest.raises(ParseError, match="unknown feature"):
-        parse('#![feature("experimental-teleportation")]')
+def test_unknown_feature_in_pragma_enables_nothing():
+    """Formance accepts any flag name; a misspelt one surfaces as FeatureNotEnabled."""
+    program = parse('#![feature("experimental-onef")]\nsend [A 1] (source = oneof {@world} destination = @b)')
+    assert program.features_enabled == {"experimental-onef"}
+    assert program.features_used == {"experimental-oneof"}
 
 
 def test_source_larger_than_the_bound_is_rejected():
