@@ -23,8 +23,8 @@ from api.errors import ApiError, errors_middleware
 from ledger import commands, limits
 from ledger.commands import Request
 from ledger.machine import Committed, Rejected
-from ledger.model import validate_ledger_name
-from api.producer import RequestsClient
+from ledger.model import validate_address, validate_ledger_name, validate_metadata
+from api.producer import Answer, RequestsClient
 from streams.settings import Settings
 
 log = logging.getLogger("streamledger.gateway")
@@ -50,7 +50,13 @@ def create_app(settings: Settings | None = None) -> web.Application:
         ("POST", "/{ledger}/transactions", create_transaction),
         ("GET", "/{ledger}/transactions", list_transactions),
         ("GET", "/{ledger}/transactions/{id}", get_transaction),
+        ("POST", "/{ledger}/transactions/{id}/revert", revert_transaction),
+        ("POST", "/{ledger}/transactions/{id}/metadata", save_transaction_metadata),
+        ("DELETE", "/{ledger}/transactions/{id}/metadata/{key}", delete_transaction_metadata),
         ("GET", "/{ledger}/accounts/{address}", get_account),
+        ("POST", "/{ledger}/accounts/{address}/metadata", save_account_metadata),
+        ("DELETE", "/{ledger}/accounts/{address}/metadata/{key}", delete_account_metadata),
+        ("GET", "/{ledger}/logs", list_logs),
     ]
     for prefix in ("/v2", "/api/ledger/v2"):
         for method, path, handler in routes:
@@ -98,7 +104,7 @@ def _input_hash(*parts: object) -> str:
     return base64.urlsafe_b64encode(digest.digest()).decode().rstrip("=")
 
 
-async def _submit(request: web.Request, ledger: str, command, body: object) -> Committed | Rejected:
+async def _submit(request: web.Request, ledger: str, command, body: object) -> Answer:
     """Produce a command for `ledger` and wait for its outcome; 504 when none comes."""
     settings = request.app[SETTINGS]
     idempotency_key = request.headers.get("Idempotency-Key", "")
@@ -129,12 +135,23 @@ async def _submit(request: web.Request, ledger: str, command, body: object) -> C
         raise ApiError("UNAVAILABLE", str(error), status=503) from None
 
 
-def _raise_rejection(outcome: Rejected):
-    from ledger.errors import LedgerError
+def _committed(answer: Answer) -> Committed:
+    """The committed outcome, or raise the rejection as the error it is."""
+    outcome = answer.outcome
+    if isinstance(outcome, Rejected):
+        from ledger.errors import LedgerError
 
-    error = LedgerError(outcome.message, **(outcome.details or {}))
-    error.code = outcome.code
-    raise error
+        error = LedgerError(outcome.message, **(outcome.details or {}))
+        error.code = outcome.code
+        raise error
+    return outcome
+
+
+def _respond(answer: Answer, body: object, status: int) -> web.Response:
+    headers = {"Idempotency-Hit": "true"} if answer.idempotency_hit else None
+    if body is None:
+        return web.Response(status=204, headers=headers)
+    return web.json_response({"data": body}, status=status, headers=headers)
 
 
 async def _forward(request: web.Request, path: str, params: dict | None = None) -> dict:
@@ -180,10 +197,9 @@ async def create_ledger(request: web.Request) -> web.Response:
     ledger = _ledger_name(request)
     body = await _json_body(request)
     command = commands.create_ledger_from_json(ledger, body)
-    outcome = await _submit(request, ledger, command, body)
-    if isinstance(outcome, Rejected):
-        _raise_rejection(outcome)
-    return web.Response(status=204)
+    answer = await _submit(request, ledger, command, body)
+    _committed(answer)
+    return _respond(answer, None, 204)
 
 
 async def get_ledger(request: web.Request) -> web.Response:
@@ -195,25 +211,88 @@ async def create_transaction(request: web.Request) -> web.Response:
     ledger = _ledger_name(request)
     body = await _json_body(request)
     command = commands.create_transaction_from_json(body, force=_flag(request, "force"))
-    outcome = await _submit(request, ledger, command, body)
-    if isinstance(outcome, Rejected):
-        _raise_rejection(outcome)
-    return web.json_response({"data": _transaction_view(outcome)})
+    answer = await _submit(request, ledger, command, body)
+    return _respond(answer, _transaction_view(_committed(answer)), 200)
 
 
 def _transaction_view(outcome: Committed) -> dict:
     transaction = dict(outcome.entry.data["transaction"])
     transaction.setdefault("revertedAt", None)
-    transaction["updatedAt"] = transaction.get("insertedAt")
+    transaction.setdefault("updatedAt", transaction.get("insertedAt"))
     return transaction
+
+
+def _transaction_id(request: web.Request) -> int:
+    raw = request.match_info["id"]
+    if not raw.isdigit():
+        raise ApiError("VALIDATION", f"transaction id {raw!r} must be a non-negative integer")
+    return int(raw)
+
+
+async def revert_transaction(request: web.Request) -> web.Response:
+    ledger = _ledger_name(request)
+    transaction_id = _transaction_id(request)
+    body = await _json_body(request)
+    metadata = validate_metadata((body or {}).get("metadata") if isinstance(body, dict) else None)
+    command = commands.RevertTransaction(
+        transaction_id, force=_flag(request, "force"),
+        at_effective_date=_flag(request, "atEffectiveDate"), metadata=metadata,
+    )
+    answer = await _submit(request, ledger, command, body)
+    return _respond(answer, _transaction_view(_committed(answer)), 201)
+
+
+async def _metadata_write(request: web.Request, target_type: str, target_id, key: str | None) -> web.Response:
+    ledger = _ledger_name(request)
+    body = None
+    if key is None:
+        body = await _json_body(request)
+        if not isinstance(body, dict):
+            raise ApiError("VALIDATION", "the body must be an object of string values")
+        command: object = commands.SaveMetadata(target_type, target_id, validate_metadata(body))
+    else:
+        command = commands.DeleteMetadata(target_type, target_id, key)
+    answer = await _submit(request, ledger, command, body)
+    _committed(answer)
+    return _respond(answer, None, 204)
+
+
+async def save_transaction_metadata(request: web.Request) -> web.Response:
+    return await _metadata_write(request, "TRANSACTION", _transaction_id(request), None)
+
+
+async def delete_transaction_metadata(request: web.Request) -> web.Response:
+    return await _metadata_write(request, "TRANSACTION", _transaction_id(request), request.match_info["key"])
+
+
+async def save_account_metadata(request: web.Request) -> web.Response:
+    return await _metadata_write(request, "ACCOUNT", validate_address(request.match_info["address"]), None)
+
+
+async def delete_account_metadata(request: web.Request) -> web.Response:
+    return await _metadata_write(
+        request, "ACCOUNT", validate_address(request.match_info["address"]), request.match_info["key"])
+
+
+async def list_logs(request: web.Request) -> web.Response:
+    ledger = _ledger_name(request)
+    page_size = _page_size(request)
+    cursor = request.query.get("cursor")
+    params = {"pageSize": str(page_size)}
+    if cursor:
+        params["after"] = str(_decode_cursor(cursor))
+    body = await _forward(request, f"/ledger/{ledger}/logs", params)
+    rows = body["data"]
+    page: dict = {"pageSize": page_size, "hasMore": body["hasMore"], "data": rows}
+    if body["hasMore"] and rows:
+        page["next"] = _encode_cursor(rows[-1]["id"])
+    return web.json_response({"cursor": page})
 
 
 async def get_transaction(request: web.Request) -> web.Response:
     ledger = _ledger_name(request)
-    transaction_id = request.match_info["id"]
-    if not transaction_id.isdigit():
-        raise ApiError("VALIDATION", f"transaction id {transaction_id!r} must be an integer")
-    return web.json_response(await _forward(request, f"/ledger/{ledger}/transactions/{int(transaction_id)}"))
+    transaction_id = _transaction_id(request)
+    return web.json_response(await _forward(request, f"/ledger/{ledger}/transactions/{transaction_id}"))
 
 
 async def list_transactions(request: web.Request) -> web.Response:
@@ -252,8 +331,6 @@ def _decode_cursor(cursor: str) -> int:
 
 
 async def get_account(request: web.Request) -> web.Response:
-    from ledger.model import validate_address
-
     ledger = _ledger_name(request)
     address = validate_address(request.match_info["address"])
     return web.json_response(await _forward(request, f"/ledger/{ledger}/accounts/{address}"))

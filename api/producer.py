@@ -2,7 +2,7 @@
 
 Requests for one ledger that arrive within a short linger are sent as one `RequestBatch`
 record (faust's per-record cost is the ceiling of a worker, see DESIGN.md "Batching on
-the wire"). Outcomes come back on `ledger.committed` / `ledger.rejected`, read with
+the wire"). Outcomes come back on `ledger.committed` / `ledger.rejected` / `ledger.replies`, read with
 `read_committed` from the end by a consumer thread that matches the `request_id` header
 against the requests this gateway is waiting for — no decoding of other gateways' records.
 """
@@ -13,6 +13,7 @@ import asyncio
 import logging
 import threading
 import uuid
+from dataclasses import dataclass
 
 from confluent_kafka import Consumer, KafkaError, Producer, TopicPartition
 
@@ -21,9 +22,22 @@ from ledger.commands import Request
 from ledger.machine import Committed, Rejected
 from streams import codecs
 from streams.settings import Settings
-from streams.topics import COMMITTED, REJECTED, REQUESTS, producer_config
+from streams.topics import COMMITTED, REJECTED, REPLIES, REQUESTS, producer_config
 
 log = logging.getLogger("streamledger.gateway")
+
+
+@dataclass(frozen=True)
+class Answer:
+    """The outcome of a request, and how it came: None (newly applied), or a reply kind
+    (`DRY_RUN`, `IDEMPOTENCY_HIT`, `REDELIVERED`; see `streams.codecs`)."""
+
+    outcome: Committed | Rejected
+    kind: str | None = None
+
+    @property
+    def idempotency_hit(self) -> bool:
+        return self.kind == codecs.REPLY_IDEMPOTENCY_HIT
 
 
 class RequestsClient:
@@ -61,7 +75,7 @@ class RequestsClient:
 
     # -- sending ---------------------------------------------------------------------
 
-    async def submit(self, request: Request, timeout: float) -> Committed | Rejected:
+    async def submit(self, request: Request, timeout: float) -> "Answer":
         """Produce `request` and wait for its outcome. Raises TimeoutError."""
         assert self._loop is not None, "start() first"
         future = self._loop.create_future()
@@ -128,7 +142,7 @@ class RequestsClient:
         try:
             metadata = consumer.list_topics(timeout=30)
             assignment = []
-            for topic in (COMMITTED, REJECTED):
+            for topic in (COMMITTED, REJECTED, REPLIES):
                 partitions = metadata.topics.get(topic)
                 if partitions is None or partitions.error is not None:
                     log.error("topic %s is missing; run `streamledger topics create`", topic)
@@ -159,18 +173,23 @@ class RequestsClient:
                 break
         if request_id is None or request_id not in self._waiters:
             return
+        kind = None
         try:
-            if message.topic() == COMMITTED:
+            topic = message.topic()
+            if topic == COMMITTED:
                 outcome: Committed | Rejected = Committed(request_id, codecs.decode_log_entry(message.value()))
-            else:
+            elif topic == REJECTED:
                 outcome = codecs.decode_rejection(message.value())
+            else:
+                _request_id, _ledger, kind, original = codecs.decode_reply(message.value())
+                outcome = original if isinstance(original, Rejected) else Committed(request_id, original)
         except codecs.CodecError as error:
             log.warning("undecodable outcome for %s: %s", request_id, error)
             return
         assert self._loop is not None
-        self._loop.call_soon_threadsafe(self._resolve, request_id, outcome)
+        self._loop.call_soon_threadsafe(self._resolve, request_id, Answer(outcome, kind))
 
-    def _resolve(self, request_id: str, outcome: Committed | Rejected) -> None:
+    def _resolve(self, request_id: str, answer: "Answer") -> None:
         future = self._waiters.get(request_id)
         if future is not None and not future.done():
-            future.set_result(outcome)
+            future.set_result(answer)

@@ -11,12 +11,21 @@ No I/O, no clock: `now` is an argument, and ids come from the ledger's head in t
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from ledger import hashchain
-from ledger.commands import CreateLedger, CreateTransaction, Request
+from ledger.commands import (
+    CreateLedger,
+    CreateTransaction,
+    DeleteMetadata,
+    Request,
+    RevertTransaction,
+    SaveMetadata,
+)
 from ledger.errors import (
+    AlreadyReverted,
     Conflict,
+    NotFound,
     InsufficientFunds,
     LedgerAlreadyExists,
     LedgerError,
@@ -25,7 +34,11 @@ from ledger.errors import (
 )
 from ledger.model import (
     CREATED_LEDGER,
+    DELETE_METADATA,
     NEW_TRANSACTION,
+    REVERTED_TRANSACTION,
+    SET_METADATA,
+    TARGET_ACCOUNT,
     WORLD,
     LogEntry,
     Posting,
@@ -57,6 +70,7 @@ from ledger.timeutil import format_rfc3339
 class Committed:
     request_id: str
     entry: LogEntry
+    dry_run: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -67,6 +81,7 @@ class Rejected:
     message: str
     details: dict
     date: int
+    dry_run: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -99,14 +114,14 @@ def execute(state: Overlay, request: Request, now: int) -> Outcome:
     except LedgerError as error:
         rejection = Rejected(
             request.request_id, request.ledger, error.code, error.message,
-            _jsonable(error.details), now,
+            _jsonable(error.details), now, request.dry_run,
         )
         if not request.dry_run:
             project_rejection(state, rejection)
         return rejection
     if not request.dry_run:
         scratch.merge_into(state)
-    return Committed(request.request_id, entry)
+    return Committed(request.request_id, entry, request.dry_run)
 
 
 def _check_idempotency(state: Overlay, request: Request) -> Replayed | None:
@@ -133,6 +148,12 @@ def _decide(state: Overlay, request: Request, now: int) -> LogEntry:
         raise LedgerNotFound(f"ledger '{request.ledger}' does not exist: create it first")
     if isinstance(command, CreateTransaction):
         return _create_transaction(state, request, command, now)
+    if isinstance(command, RevertTransaction):
+        return _revert_transaction(state, request, command, now)
+    if isinstance(command, SaveMetadata):
+        return _save_metadata(state, request, command, now)
+    if isinstance(command, DeleteMetadata):
+        return _delete_metadata(state, request, command, now)
     raise ValidationError(f"unsupported command {type(command).__name__}")
 
 
@@ -178,6 +199,92 @@ def _create_transaction(
         transaction["reference"] = command.reference
     data = {"transaction": transaction, "accountMetadata": command.account_metadata}
     return _chain_entry(state, request, head, NEW_TRANSACTION, data, date)
+
+
+REVERTS_METADATA_KEY = "com.formance.spec/state/reverts"
+
+
+def _revert_transaction(
+    state: Overlay, request: Request, command: RevertTransaction, now: int
+) -> LogEntry:
+    """Formance's revert: the reverse postings in reverse order, checked for funds unless
+    `force` (the money may have moved on), marking the original as reverted."""
+    ledger = request.ledger
+    original = state.get((TRANSACTION, ledger, command.transaction_id))
+    if original is None:
+        raise NotFound(f"transaction {command.transaction_id} not found")
+    assert isinstance(original, Transaction)
+    if original.reverted:
+        raise AlreadyReverted(f"transaction {command.transaction_id} is already reverted")
+    postings = [
+        Posting(p.destination, p.source, p.amount, p.asset) for p in reversed(original.postings)
+    ]
+    if not command.force:
+        _check_funds(state, ledger, postings)
+    head = _head(state, ledger)
+    date = max(now, head.last_date)
+    metadata = {**command.metadata, REVERTS_METADATA_KEY: str(original.id)}
+    timestamp = original.timestamp if command.at_effective_date else date
+    transaction = {
+        "postings": [posting.to_json() for posting in postings],
+        "metadata": metadata,
+        "timestamp": format_rfc3339(timestamp),
+        "id": head.last_transaction_id + 1,
+        "reverted": False,
+    }
+    reverted_view = _transaction_log_view(original)
+    reverted_view["reverted"] = True
+    reverted_view["revertedAt"] = format_rfc3339(date)
+    data = {
+        "revertedTransactionID": original.id,
+        "revertedTransaction": reverted_view,
+        "transaction": transaction,
+    }
+    return _chain_entry(state, request, head, REVERTED_TRANSACTION, data, date)
+
+
+def _transaction_log_view(transaction: Transaction) -> dict:
+    view = {
+        "postings": [posting.to_json() for posting in transaction.postings],
+        "metadata": dict(transaction.metadata),
+        "timestamp": format_rfc3339(transaction.timestamp),
+        "id": transaction.id,
+        "reverted": transaction.reverted,
+    }
+    if transaction.reference:
+        view["reference"] = transaction.reference
+    return view
+
+
+def _save_metadata(state: Overlay, request: Request, command: SaveMetadata, now: int) -> LogEntry:
+    _check_metadata_target(state, request.ledger, command.target_type, command.target_id)
+    head = _head(state, request.ledger)
+    data = {
+        "targetType": command.target_type,
+        "targetId": command.target_id,
+        "metadata": dict(command.metadata),
+    }
+    return _chain_entry(state, request, head, SET_METADATA, data, max(now, head.last_date))
+
+
+def _delete_metadata(state: Overlay, request: Request, command: DeleteMetadata, now: int) -> LogEntry:
+    current = _check_metadata_target(state, request.ledger, command.target_type, command.target_id)
+    if command.target_type != TARGET_ACCOUNT and command.key not in current:
+        raise NotFound(f"transaction {command.target_id} has no metadata key '{command.key}'")
+    head = _head(state, request.ledger)
+    data = {"targetType": command.target_type, "targetId": command.target_id, "key": command.key}
+    return _chain_entry(state, request, head, DELETE_METADATA, data, max(now, head.last_date))
+
+
+def _check_metadata_target(state: Overlay, ledger: str, target_type: str, target_id) -> dict[str, str]:
+    """The target's current metadata; a transaction must exist, an account need not."""
+    if target_type == TARGET_ACCOUNT:
+        record = state.get((ACCOUNT, ledger, target_id))
+        return record.metadata if record is not None else {}  # type: ignore[union-attr]
+    transaction = state.get((TRANSACTION, ledger, target_id))
+    if transaction is None:
+        raise NotFound(f"transaction {target_id} not found")
+    return transaction.metadata  # type: ignore[union-attr]
 
 
 def _check_funds(state: Overlay, ledger: str, postings: list[Posting]) -> None:
@@ -231,7 +338,14 @@ def project_entry(state: Overlay, entry: LogEntry) -> None:
             metadata=dict(data.get("metadata") or {}), features=dict(data.get("features") or {}),
         ))
     elif entry.type == NEW_TRANSACTION:
-        _project_new_transaction(state, entry)
+        _project_transaction(state, entry, entry.data["transaction"], entry.data.get("accountMetadata"))
+    elif entry.type == REVERTED_TRANSACTION:
+        _project_transaction(state, entry, entry.data["transaction"], None)
+        _mark_reverted(state, ledger, entry.data["revertedTransactionID"], entry.date)
+    elif entry.type == SET_METADATA:
+        _project_metadata(state, entry, entry.data["metadata"], None)
+    elif entry.type == DELETE_METADATA:
+        _project_metadata(state, entry, None, entry.data["key"])
     else:
         raise AssertionError(f"unknown log entry type {entry.type}")
     state.put((REQUEST, entry.request_id), RequestRecord(ledger=ledger, log_id=entry.id, date=entry.date))
@@ -244,17 +358,16 @@ def project_entry(state: Overlay, entry: LogEntry) -> None:
         head = _head(state, ledger)
         assert entry.id == head.last_log_id + 1, f"log gap in {ledger}: {head.last_log_id} -> {entry.id}"
         transaction_id = head.last_transaction_id
-        if entry.type == NEW_TRANSACTION:
+        if entry.type in (NEW_TRANSACTION, REVERTED_TRANSACTION):
             transaction_id = entry.data["transaction"]["id"]
         state.put((HEAD, ledger), Head(entry.id, entry.hash, transaction_id, max(entry.date, head.last_date)))
-        state.put((LOG, ledger, entry.id), entry)
+    state.put((LOG, ledger, entry.id), entry)
 
 
-def _project_new_transaction(state: Overlay, entry: LogEntry) -> None:
+def _project_transaction(state: Overlay, entry: LogEntry, raw: dict, account_metadata: dict | None) -> None:
     from ledger.timeutil import parse_rfc3339
 
     ledger = entry.ledger
-    raw = entry.data["transaction"]
     postings = [Posting(p["source"], p["destination"], p["amount"], p["asset"]) for p in raw["postings"]]
     timestamp = parse_rfc3339(raw["timestamp"])
     post_commit: dict[str, dict[str, Volumes]] = {}
@@ -272,7 +385,7 @@ def _project_new_transaction(state: Overlay, entry: LogEntry) -> None:
         for asset, volumes in by_asset.items():
             state.put((VOLUMES, ledger, account, asset), volumes)
         _touch_account(state, ledger, account, timestamp, entry.date, None)
-    for address, metadata in (entry.data.get("accountMetadata") or {}).items():
+    for address, metadata in (account_metadata or {}).items():
         _touch_account(state, ledger, address, timestamp, entry.date, metadata)
     transaction = Transaction(
         id=raw["id"], postings=postings, metadata=dict(raw.get("metadata") or {}),
@@ -284,6 +397,35 @@ def _project_new_transaction(state: Overlay, entry: LogEntry) -> None:
         state.put((REFERENCE, ledger, transaction.reference), transaction.id)
     raw["postCommitVolumes"] = volumes_json(post_commit)
     raw["insertedAt"] = format_rfc3339(entry.date)
+
+
+def _mark_reverted(state: Overlay, ledger: str, transaction_id: int, date: int) -> None:
+    original = state.get((TRANSACTION, ledger, transaction_id))
+    assert isinstance(original, Transaction), f"reverted transaction {transaction_id} missing"
+    state.put((TRANSACTION, ledger, transaction_id), replace(original, reverted_at=date, updated_at=date))
+
+
+def _project_metadata(state: Overlay, entry: LogEntry, metadata: dict | None, deleted_key: str | None) -> None:
+    ledger, target = entry.ledger, entry.data["targetId"]
+    if entry.data["targetType"] == TARGET_ACCOUNT:
+        record = state.get((ACCOUNT, ledger, target))
+        if record is None:  # Formance creates the account on a metadata write
+            record = AccountRecord(target, {}, first_usage=entry.date, insertion_date=entry.date, updated_at=entry.date)
+        assert isinstance(record, AccountRecord)
+        values = dict(record.metadata)
+        record = AccountRecord(record.address, values, record.first_usage, record.insertion_date, entry.date)
+        key = (ACCOUNT, ledger, target)
+    else:
+        transaction = state.get((TRANSACTION, ledger, target))
+        assert isinstance(transaction, Transaction), f"metadata target transaction {target} missing"
+        values = dict(transaction.metadata)
+        record = replace(transaction, metadata=values, updated_at=entry.date)
+        key = (TRANSACTION, ledger, target)
+    if metadata is not None:
+        values.update(metadata)
+    if deleted_key is not None:
+        values.pop(deleted_key, None)
+    state.put(key, record)
 
 
 def _touch_account(

@@ -269,3 +269,31 @@ def log_entry_json(entry: LogEntry) -> dict:
         "idempotencyKey": entry.idempotency_key,
         "hash": base64.b64encode(entry.hash).decode(),
     }
+
+
+# --- replies ----------------------------------------------------------------------------
+
+REPLY_DRY_RUN = "DRY_RUN"
+REPLY_IDEMPOTENCY_HIT = "IDEMPOTENCY_HIT"
+REPLY_REDELIVERED = "REDELIVERED"
+
+
+def encode_reply(request_id: str, ledger: str, kind: str, outcome: "LogEntry | Rejected") -> bytes:
+    is_entry = isinstance(outcome, LogEntry)
+    return codec("Reply").encode({
+        "request_id": request_id,
+        "ledger": ledger,
+        "kind": kind,
+        "log_entry": encode_log_entry(outcome) if is_entry else None,
+        "rejection": None if is_entry else encode_rejection(outcome),
+    })
+
+
+def decode_reply(payload: bytes) -> tuple[str, str, str, "LogEntry | Rejected"]:
+    """-> (request_id, ledger, kind, the log entry or rejection it answers with)."""
+    record = codec("Reply").decode(payload)
+    if record["log_entry"] is not None:
+        outcome: LogEntry | Rejected = decode_log_entry(record["log_entry"])
+    else:
+        outcome = decode_rejection(record["rejection"])
+    return record["request_id"], record["ledger"], record["kind"], outcome

@@ -17,11 +17,11 @@ from confluent_kafka import Consumer, KafkaError, KafkaException, Producer, Topi
 from ledger.errors import LedgerError, ValidationError
 from ledger.machine import Committed, Rejected, Replayed, execute, project_entry, project_rejection
 from ledger.model import LogEntry
-from ledger.state import HEAD, Head, Overlay
+from ledger.state import HEAD, LOG, Head, Overlay
 from streams import codecs
 from streams.settings import Settings
 from streams.store import PartitionStore, rocksdb_options
-from streams.topics import COMMITTED, REJECTED, partition_for, producer_config
+from streams.topics import COMMITTED, REJECTED, REPLIES, partition_for, producer_config
 
 log = logging.getLogger("streamledger.processor")
 
@@ -151,8 +151,8 @@ class PartitionProcessor:
         The order of a commit (check crash cases one by one):
           1. apply every request to an in-memory overlay of the store (pure, no I/O
              but store reads);
-          2. begin a Kafka transaction; produce log entries to ledger.committed and
-             rejections to ledger.rejected;
+          2. begin a Kafka transaction; produce log entries to ledger.committed,
+             rejections to ledger.rejected, other answers to ledger.replies;
           3. commit the Kafka transaction (flushes; a crash before this aborts it, and
              the requests are redelivered and applied again from the unchanged store);
           4. write the overlay and the new log positions to RocksDB in one write batch
@@ -163,7 +163,7 @@ class PartitionProcessor:
         """
         now = int(self._clock() * 1_000_000)
         overlay = Overlay(self.store)
-        outcomes: list[Committed | Rejected] = []
+        emissions: list[tuple[str, str, bytes, str]] = []  # topic, ledger, value, request id
         result = BatchResult()
         for payload in payloads:
             for request_or_rejection in self._decode(payload, now):
@@ -172,20 +172,40 @@ class PartitionProcessor:
                     project_rejection(overlay, outcome)
                 else:
                     outcome = execute(overlay, request_or_rejection, now)
-                if isinstance(outcome, Replayed):
-                    result.replayed += 1
-                    continue
-                outcomes.append(outcome)
-                counts = result.per_ledger.setdefault(_ledger_of(outcome), [0, 0])
-                if isinstance(outcome, Committed):
-                    result.committed += 1
-                    counts[0] += 1
-                else:
-                    result.rejected += 1
-                    counts[1] += 1
-        positions = self._emit(outcomes)
+                emissions.append(self._emission(overlay, outcome, result))
+        positions = self._emit(emissions)
         self.store.commit(overlay.writes(), positions)
         return result
+
+    def _emission(self, overlay: Overlay, outcome, result: BatchResult) -> tuple[str, str, bytes, str]:
+        if isinstance(outcome, Replayed):
+            result.replayed += 1
+            kind = codecs.REPLY_IDEMPOTENCY_HIT if outcome.idempotency_hit else codecs.REPLY_REDELIVERED
+            value = codecs.encode_reply(outcome.request_id, outcome.ledger, kind, self._original(overlay, outcome))
+            return REPLIES, outcome.ledger, value, outcome.request_id
+        if outcome.dry_run:
+            original = outcome.entry if isinstance(outcome, Committed) else outcome
+            ledger = _ledger_of(outcome)
+            value = codecs.encode_reply(outcome.request_id, ledger, codecs.REPLY_DRY_RUN, original)
+            return REPLIES, ledger, value, outcome.request_id
+        counts = result.per_ledger.setdefault(_ledger_of(outcome), [0, 0])
+        if isinstance(outcome, Committed):
+            result.committed += 1
+            counts[0] += 1
+            return COMMITTED, outcome.entry.ledger, codecs.encode_log_entry(outcome.entry), outcome.request_id
+        result.rejected += 1
+        counts[1] += 1
+        return REJECTED, outcome.ledger, codecs.encode_rejection(outcome), outcome.request_id
+
+    @staticmethod
+    def _original(overlay: Overlay, replayed: Replayed) -> LogEntry | Rejected:
+        record = replayed.original
+        if record.log_id is not None:
+            entry = overlay.get((LOG, record.ledger, record.log_id))
+            assert isinstance(entry, LogEntry), f"log entry {record.ledger}/{record.log_id} missing"
+            return entry
+        return Rejected(replayed.request_id, record.ledger, record.code or "INTERNAL",
+                        record.message or "", record.details or {}, record.date)
 
     def _decode(self, payload: bytes | None, now: int) -> list:
         try:
@@ -211,8 +231,9 @@ class PartitionProcessor:
                 ))
         return decoded
 
-    def _emit(self, outcomes: list[Committed | Rejected]) -> dict[str, int]:
-        if not outcomes:
+    def _emit(self, emissions: list[tuple[str, str, bytes, str]]) -> dict[str, int]:
+        """Produce the batch's records in one Kafka transaction; -> next offset per topic."""
+        if not emissions:
             return {}
         assert self._producer is not None, "process() before open()"
         producer = self._producer
@@ -225,7 +246,12 @@ class PartitionProcessor:
 
         try:
             producer.begin_transaction()
-            self._produce_all(producer, outcomes, delivered)
+            for topic, ledger, value, request_id in emissions:
+                producer.produce(
+                    topic, value, ledger.encode(), partition=self.partition,
+                    on_delivery=delivered, headers=[("request_id", request_id.encode())],
+                )
+                producer.poll(0)
             producer.flush(60)
             producer.commit_transaction(60)
         except KafkaException:
@@ -235,6 +261,7 @@ class PartitionProcessor:
             # retry the batch from the unchanged store.
             self._reset_producer()
             raise
+        offsets.pop(REPLIES, None)  # replies are not replayed: no position to keep
         return offsets
 
     def _reset_producer(self) -> None:
@@ -245,23 +272,6 @@ class PartitionProcessor:
             except KafkaException as error:
                 log.warning("partition %d: abort failed (%s); re-initialising", self.partition, error)
         self._producer = self._new_producer()
-
-    def _produce_all(self, producer: Producer, outcomes: list, delivered) -> None:
-        for outcome in outcomes:
-            if isinstance(outcome, Committed):
-                entry = outcome.entry
-                producer.produce(
-                    COMMITTED, codecs.encode_log_entry(entry), entry.ledger.encode(),
-                    partition=self.partition, on_delivery=delivered,
-                    headers=[("request_id", entry.request_id.encode())],
-                )
-            else:
-                producer.produce(
-                    REJECTED, codecs.encode_rejection(outcome), outcome.ledger.encode(),
-                    partition=self.partition, on_delivery=delivered,
-                    headers=[("request_id", outcome.request_id.encode())],
-                )
-            producer.poll(0)
 
 
 def _ledger_of(outcome: Committed | Rejected) -> str:

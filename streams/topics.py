@@ -14,7 +14,19 @@ import time
 REQUESTS = "ledger.requests"
 COMMITTED = "ledger.committed"
 REJECTED = "ledger.rejected"
-ALL_TOPICS = (REQUESTS, COMMITTED, REJECTED)
+# Answers that are not log entries nor rejections: dry runs, idempotency hits, and the
+# original outcome re-published for a redelivered request id. Not a source of truth.
+REPLIES = "ledger.replies"
+ALL_TOPICS = (REQUESTS, COMMITTED, REJECTED, REPLIES)
+
+# The committed log is the database and rejections are part of the dedupe state a store is
+# rebuilt from: neither may ever expire. Replies are only for waiting callers.
+TOPIC_CONFIGS: dict[str, dict[str, str]] = {
+    REQUESTS: {},
+    COMMITTED: {"retention.ms": "-1", "retention.bytes": "-1"},
+    REJECTED: {"retention.ms": "-1", "retention.bytes": "-1"},
+    REPLIES: {"retention.ms": str(24 * 3600 * 1000)},
+}
 
 PARTITIONER = "murmur2_random"  # librdkafka's name for Java's murmur2 (null keys: random)
 
@@ -110,7 +122,7 @@ def ensure_topics(
     config: dict[str, str] | None = None,
     timeout: float = 30.0,
 ) -> dict[str, int]:
-    """Create the three ledger topics with `partitions` partitions each, idempotently.
+    """Create the ledger topics with `partitions` partitions each, idempotently.
 
     Topics that already exist with the same count are left alone; one that exists with a
     different count raises `TopicMismatchError` (partitioning by ledger would break).
@@ -128,7 +140,7 @@ def ensure_topics(
         futures = admin.create_topics(
             [
                 NewTopic(t, num_partitions=partitions, replication_factor=replication_factor,
-                         config=dict(config or {}))
+                         config={**TOPIC_CONFIGS[t], **(config or {})})
                 for t in missing
             ],
             operation_timeout=timeout,
@@ -140,7 +152,7 @@ def ensure_topics(
             except KafkaException as exc:
                 if exc.args[0].code() != KafkaError.TOPIC_ALREADY_EXISTS:
                     raise
-    # Metadata can lag a moment behind CreateTopics: wait until all three are visible.
+    # Metadata can lag a moment behind CreateTopics: wait until all are visible.
     while True:
         counts = _partition_counts(admin, max(1.0, deadline - time.monotonic()))
         if all(counts.get(t) for t in ALL_TOPICS):

@@ -13,7 +13,8 @@ from faust.web import Request, Response, View
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from ledger import render
-from ledger.state import ACCOUNT, LEDGER, TRANSACTION, VOLUMES, AccountRecord
+from ledger.state import ACCOUNT, LEDGER, LOG, TRANSACTION, VOLUMES, AccountRecord
+from streams.codecs import log_entry_json
 from streams.topics import partition_for
 
 
@@ -71,6 +72,28 @@ def register(app: faust.App, worker, requests_topic) -> None:
             return self.json({
                 "data": [render.transaction_json(t) for t in rows[:page_size]],
                 "hasMore": has_more,
+            })
+
+    @app.page("/ledger/{ledger}/logs")
+    class LogsView(View):
+        @app.topic_route(requests_topic, match_info="ledger")
+        async def get(self, request: Request, ledger: str) -> Response:
+            store = await store_for(ledger)
+            if store.get((LEDGER, ledger)) is None:
+                return not_found(self, "LEDGER_NOT_FOUND", f"ledger '{ledger}' not found")
+            page_size = int(request.query.get("pageSize", "15"))
+            after = request.query.get("after")
+            start = (LOG, ledger, int(after) - 1) if after else None
+            rows = []
+            for _key, entry in store.scan((LOG, ledger), start=start, reverse=True):
+                if entry.id == 0:
+                    break  # the ledger's creation is not one of Formance's log entries
+                rows.append(entry)
+                if len(rows) > page_size:
+                    break
+            return self.json({
+                "data": [log_entry_json(entry) for entry in rows[:page_size]],
+                "hasMore": len(rows) > page_size,
             })
 
     @app.page("/ledger/{ledger}/accounts/{address}")
