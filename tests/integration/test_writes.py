@@ -1,0 +1,80 @@
+"""Reverts, metadata, idempotency and dry runs through the gateway on the real stack."""
+
+from __future__ import annotations
+
+import uuid
+
+import pytest
+
+from tests.integration.stack import http
+
+pytestmark = pytest.mark.integration
+
+
+@pytest.fixture
+def ledger(stack):
+    name = f"w-{uuid.uuid4().hex[:10]}"
+    stack.create_ledger(name)
+    return f"{stack.url}/v2/{name}"
+
+
+def tx(source, destination, amount, asset="USD", **extra):
+    return {"postings": [{"source": source, "destination": destination, "amount": amount, "asset": asset}], **extra}
+
+
+def balances(ledger, account):
+    return http("GET", f"{ledger}/accounts/{account}").body["data"]["balances"]
+
+
+def test_revert_restores_balances_and_a_second_revert_is_refused(ledger):
+    http("POST", f"{ledger}/transactions", tx("world", "a", 10))
+    reverted = http("POST", f"{ledger}/transactions/1/revert")
+    assert reverted.status == 201
+    assert reverted.body["data"]["postings"][0] == {"source": "a", "destination": "world", "amount": 10, "asset": "USD"}
+    assert balances(ledger, "a") == {"USD": 0}
+    assert http("GET", f"{ledger}/transactions/1").body["data"]["reverted"] is True
+    again = http("POST", f"{ledger}/transactions/1/revert")
+    assert again.status == 400 and again.body["errorCode"] == "ALREADY_REVERT"
+    assert http("POST", f"{ledger}/transactions/99/revert").status == 404
+
+
+def test_idempotency_key_replays_with_the_hit_header_and_refuses_other_input(ledger):
+    headers = {"Idempotency-Key": "pay-1"}
+    first = http("POST", f"{ledger}/transactions", tx("world", "a", 5), headers)
+    again = http("POST", f"{ledger}/transactions", tx("world", "a", 5), headers)
+    assert again.status == 200 and again.headers.get("Idempotency-Hit") == "true"
+    assert again.body["data"]["id"] == first.body["data"]["id"]
+    assert balances(ledger, "a") == {"USD": 5}
+    other = http("POST", f"{ledger}/transactions", tx("world", "a", 6), headers)
+    assert other.status == 400 and other.body["errorCode"] == "VALIDATION"
+
+
+def test_dry_run_answers_without_committing(ledger):
+    dry = http("POST", f"{ledger}/transactions?dryRun=true", tx("world", "a", 5))
+    assert dry.status == 200 and dry.body["data"]["id"] == 1
+    assert http("GET", f"{ledger}/transactions/1").status == 404
+    real = http("POST", f"{ledger}/transactions", tx("world", "a", 5))
+    assert real.body["data"]["id"] == 1
+    refused = http("POST", f"{ledger}/transactions?dryRun=true", tx("a", "b", 500))
+    assert refused.status == 400 and refused.body["errorCode"] == "INSUFFICIENT_FUND"
+
+
+def test_account_and_transaction_metadata(ledger):
+    assert http("POST", f"{ledger}/accounts/users:1/metadata", {"tier": "gold", "x": "y"}).status == 204
+    assert http("DELETE", f"{ledger}/accounts/users:1/metadata/x").status == 204
+    assert http("GET", f"{ledger}/accounts/users:1").body["data"]["metadata"] == {"tier": "gold"}
+    http("POST", f"{ledger}/transactions", tx("world", "a", 1, metadata={"order": "42"}))
+    assert http("POST", f"{ledger}/transactions/1/metadata", {"note": "hi"}).status == 204
+    assert http("GET", f"{ledger}/transactions/1").body["data"]["metadata"] == {"order": "42", "note": "hi"}
+    assert http("POST", f"{ledger}/transactions/9/metadata", {"k": "v"}).status == 404
+    bad = http("POST", f"{ledger}/accounts/users:1/metadata", {"k": 1})
+    assert bad.status == 400 and bad.body["errorCode"] == "VALIDATION"
+
+
+def test_logs_list_newest_first_with_hashes(ledger):
+    http("POST", f"{ledger}/transactions", tx("world", "a", 1))
+    http("POST", f"{ledger}/accounts/a/metadata", {"k": "v"})
+    logs = http("GET", f"{ledger}/logs").body["cursor"]["data"]
+    assert [log["type"] for log in logs] == ["SET_METADATA", "NEW_TRANSACTION"]
+    assert [log["id"] for log in logs] == [2, 1]
+    assert all(len(log["hash"]) == 44 for log in logs)
