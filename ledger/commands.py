@@ -7,6 +7,7 @@ constructors here so a direct producer's request is validated exactly like an HT
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from functools import lru_cache
 
 from ledger import limits
 from ledger.errors import ValidationError
@@ -120,6 +121,17 @@ def create_transaction_from_json(body: object, *, force: bool = False) -> Create
     )
 
 
+@lru_cache(maxsize=1024)
+def parse_script(source: str):
+    """Parse a Numscript program once; programs are immutable and shared across requests.
+
+    Raises `CompilationFailed` (with line and column) for a program that does not parse.
+    """
+    from ledger import numscript
+
+    return numscript.parse(source)
+
+
 def _script_from_json(raw: object) -> Script:
     if not isinstance(raw, dict) or not isinstance(raw.get("plain"), str):
         raise ValidationError("script must be an object with a 'plain' Numscript program")
@@ -135,6 +147,7 @@ def _script_from_json(raw: object) -> Script:
         if isinstance(value, bool) or not isinstance(value, (str, int)):
             raise ValidationError(f"script variable {name!r} must be a string")
         vars_text[str(name)] = str(value)
+    parse_script(plain)  # refuse a program that does not compile at the edge
     return Script(plain=plain, vars=vars_text)
 
 

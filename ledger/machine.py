@@ -15,6 +15,7 @@ from dataclasses import dataclass, replace
 
 from ledger import hashchain
 from ledger.commands import (
+    parse_script,
     CreateLedger,
     CreateTransaction,
     DeleteMetadata,
@@ -23,6 +24,7 @@ from ledger.commands import (
     SaveMetadata,
 )
 from ledger.errors import (
+    MetadataOverride,
     AlreadyReverted,
     Conflict,
     NotFound,
@@ -100,8 +102,14 @@ class Replayed:
 Outcome = Committed | Rejected | Replayed
 
 
-def execute(state: Overlay, request: Request, now: int) -> Outcome:
-    """Apply one request. Writes go to a child overlay merged into `state` on success."""
+def execute(
+    state: Overlay, request: Request, now: int, numscript_flags: frozenset[str] = frozenset()
+) -> Outcome:
+    """Apply one request. Writes go to a child overlay merged into `state` on success.
+
+    `numscript_flags` are the experimental Numscript features the server enables for
+    every script (a script may also enable them itself with `#![feature("…")]`).
+    """
     previous = state.get((REQUEST, request.request_id))
     if previous is not None:
         return Replayed(request.request_id, request.ledger, previous, idempotency_hit=False)
@@ -110,7 +118,7 @@ def execute(state: Overlay, request: Request, now: int) -> Outcome:
         replay = _check_idempotency(scratch, request)
         if replay is not None:
             return replay
-        entry = _decide(scratch, request, now)
+        entry = _decide(scratch, request, now, numscript_flags)
     except LedgerError as error:
         rejection = Rejected(
             request.request_id, request.ledger, error.code, error.message,
@@ -140,14 +148,14 @@ def _check_idempotency(state: Overlay, request: Request) -> Replayed | None:
     return Replayed(request.request_id, request.ledger, original, idempotency_hit=True)
 
 
-def _decide(state: Overlay, request: Request, now: int) -> LogEntry:
+def _decide(state: Overlay, request: Request, now: int, numscript_flags: frozenset[str]) -> LogEntry:
     command = request.command
     if isinstance(command, CreateLedger):
         return _create_ledger(state, request, command, now)
     if state.get((LEDGER, request.ledger)) is None:
         raise LedgerNotFound(f"ledger '{request.ledger}' does not exist: create it first")
     if isinstance(command, CreateTransaction):
-        return _create_transaction(state, request, command, now)
+        return _create_transaction(state, request, command, now, numscript_flags)
     if isinstance(command, RevertTransaction):
         return _revert_transaction(state, request, command, now)
     if isinstance(command, SaveMetadata):
@@ -177,28 +185,80 @@ def _create_ledger(state: Overlay, request: Request, command: CreateLedger, now:
 
 
 def _create_transaction(
-    state: Overlay, request: Request, command: CreateTransaction, now: int
+    state: Overlay, request: Request, command: CreateTransaction, now: int,
+    numscript_flags: frozenset[str],
 ) -> LogEntry:
-    if command.script is not None:
-        raise ValidationError("Numscript transactions are not supported yet")
-    postings = list(command.postings or ())
     if command.reference and state.get((REFERENCE, request.ledger, command.reference)) is not None:
         raise Conflict(f"transaction reference '{command.reference}' already exists")
-    if not command.force:
-        _check_funds(state, request.ledger, postings)
+    metadata = dict(command.metadata)
+    account_metadata = {address: dict(values) for address, values in command.account_metadata.items()}
+    if command.script is not None:
+        result = _run_script(state, request.ledger, command, numscript_flags)
+        postings = result.postings
+        overridden = sorted(set(metadata) & set(result.tx_metadata))
+        if overridden:
+            raise MetadataOverride(
+                f"metadata {overridden} set by the request would override the script's set_tx_meta"
+            )
+        metadata = {**result.tx_metadata, **metadata}
+        for address, values in result.account_metadata.items():
+            account_metadata[address] = {**values, **account_metadata.get(address, {})}
+    else:
+        postings = list(command.postings or ())
+        if not command.force:
+            _check_funds(state, request.ledger, postings)
     head = _head(state, request.ledger)
     date = max(now, head.last_date)
     transaction = {
         "postings": [posting.to_json() for posting in postings],
-        "metadata": dict(command.metadata),
+        "metadata": metadata,
         "timestamp": format_rfc3339(command.timestamp if command.timestamp is not None else date),
         "id": head.last_transaction_id + 1,
         "reverted": False,
     }
     if command.reference:
         transaction["reference"] = command.reference
-    data = {"transaction": transaction, "accountMetadata": command.account_metadata}
+    data = {"transaction": transaction, "accountMetadata": account_metadata}
     return _chain_entry(state, request, head, NEW_TRANSACTION, data, date)
+
+
+class _ScriptStore:
+    """What a Numscript program may read: current balances and account metadata."""
+
+    __slots__ = ("state", "ledger")
+
+    def __init__(self, state: Overlay, ledger: str) -> None:
+        self.state = state
+        self.ledger = ledger
+
+    def get_balances(self, query: dict[str, set[str]]) -> dict[str, dict[str, int]]:
+        return {
+            account: {asset: _volumes(self.state, self.ledger, account, asset).balance for asset in assets}
+            for account, assets in query.items()
+        }
+
+    def get_account_metadata(self, account: str) -> dict[str, str]:
+        record = self.state.get((ACCOUNT, self.ledger, account))
+        return dict(record.metadata) if record is not None else {}  # type: ignore[union-attr]
+
+
+def _run_script(state: Overlay, ledger: str, command: CreateTransaction, flags: frozenset[str]):
+    from ledger import numscript
+
+    assert command.script is not None
+    program = parse_script(command.script.plain)
+    result = numscript.execute(program, command.script.vars, _ScriptStore(state, ledger), flags)
+    postings = [Posting(p.source, p.destination, p.amount, p.asset) for p in result.postings]
+    for posting in postings:  # the interpreter's own post-check, restated at the boundary
+        assert posting.amount >= 0, posting
+    return _ScriptResult(postings, dict(result.tx_metadata), dict(result.account_metadata))
+
+
+@dataclass(frozen=True, slots=True)
+class _ScriptResult:
+    postings: list[Posting]
+    tx_metadata: dict[str, str]
+    account_metadata: dict[str, dict[str, str]]
 
 
 REVERTS_METADATA_KEY = "com.formance.spec/state/reverts"

@@ -171,7 +171,7 @@ class PartitionProcessor:
                     outcome = request_or_rejection
                     project_rejection(overlay, outcome)
                 else:
-                    outcome = execute(overlay, request_or_rejection, now)
+                    outcome = execute(overlay, request_or_rejection, now, self.settings.numscript_flags)
                 emissions.append(self._emission(overlay, outcome, result))
         positions = self._emit(emissions)
         self.store.commit(overlay.writes(), positions)

@@ -36,6 +36,10 @@ class Settings:
     rocksdb_block_cache_mb: int = field(default_factory=lambda: int(_env("STREAMLEDGER_ROCKSDB_BLOCK_CACHE_MB", "64")))
     rocksdb_write_buffer_mb: int = field(default_factory=lambda: int(_env("STREAMLEDGER_ROCKSDB_WRITE_BUFFER_MB", "16")))
     session_timeout_ms: int = field(default_factory=lambda: int(_env("STREAMLEDGER_SESSION_TIMEOUT_MS", "10000")))
+    # Experimental Numscript features enabled for every script, comma-separated
+    # (e.g. "experimental-oneof,experimental-overdraft-function").
+    numscript_flags: frozenset = field(default_factory=lambda: frozenset(
+        flag.strip() for flag in _env("STREAMLEDGER_NUMSCRIPT_FLAGS", "").split(",") if flag.strip()))
     log_level: str = field(default_factory=lambda: _env("STREAMLEDGER_LOG_LEVEL", "info"))
 
     def describe(self) -> dict[str, str]:

@@ -165,3 +165,61 @@ def test_amounts_of_any_size_are_exact():
     ledger.transfer(posting("world", "a", huge))
     ledger.transfer(posting("a", "b", huge - 1))
     assert ledger.balance("a") == 1 and ledger.balance("world") == -huge
+
+
+def _script(plain: str, **vars_: str) -> dict:
+    return {"script": {"plain": plain, "vars": vars_}}
+
+
+def test_a_numscript_transaction_moves_money_with_allotments():
+    ledger = Ledger()
+    ledger.transfer(posting("world", "users:001", 15, "GEM"))
+    outcome = ledger.run(create_transaction_from_json(_script(
+        "vars { account $rider }\n"
+        "send [GEM 15] (source = $rider destination = { 80% to @users:002 8% to @a 12% to @b })",
+        rider="users:001")))
+    assert isinstance(outcome, Committed)
+    postings = [(p["destination"], p["amount"]) for p in outcome.entry.data["transaction"]["postings"]]
+    assert postings == [("users:002", 13), ("a", 1), ("b", 1)]
+    assert ledger.balance("users:001", "GEM") == 0
+
+
+def test_a_script_without_funds_is_insufficient_fund_with_details():
+    ledger = Ledger()
+    outcome = ledger.run(create_transaction_from_json(_script(
+        "send [USD/2 100] (source = @alice destination = @bob)")))
+    assert isinstance(outcome, Rejected) and outcome.code == "INSUFFICIENT_FUND"
+    assert outcome.details["account"] == "alice" and outcome.details["needed"] == 100
+
+
+def test_a_script_that_does_not_parse_is_refused_at_the_edge_with_its_position():
+    from ledger.errors import CompilationFailed
+
+    with pytest.raises(CompilationFailed) as caught:
+        create_transaction_from_json(_script("send [USD/2 100] (source = "))
+    assert caught.value.message.startswith("1:26")
+
+
+def test_request_metadata_may_not_override_set_tx_meta():
+    ledger = Ledger()
+    script = 'set_tx_meta("k", "from-script")\nsend [USD 1] (source = @world destination = @a)'
+    outcome = ledger.run(create_transaction_from_json({**_script(script), "metadata": {"k": "from-request"}}))
+    assert isinstance(outcome, Rejected) and outcome.code == "METADATA_OVERRIDE"
+    ok = ledger.run(create_transaction_from_json({**_script(script), "metadata": {"other": "x"}}))
+    assert ok.entry.data["transaction"]["metadata"] == {"k": "from-script", "other": "x"}
+
+
+def test_scripts_read_account_metadata_from_the_ledger():
+    from ledger.commands import SaveMetadata
+
+    ledger = Ledger()
+    ledger.run(SaveMetadata("ACCOUNT", "sales:042", {"seller": "users:053"}))
+    ledger.run(SaveMetadata("ACCOUNT", "users:053", {"commission": "12.5%"}))
+    ledger.transfer(posting("world", "sales:042", 100, "EUR/2"))
+    outcome = ledger.run(create_transaction_from_json(_script(
+        "vars {\n account $sale\n account $seller = meta($sale, \"seller\")\n"
+        " portion $commission = meta($seller, \"commission\")\n}\n"
+        "send [EUR/2 100] (source = $sale destination = { remaining to $seller $commission to @platform })",
+        sale="sales:042")))
+    assert isinstance(outcome, Committed), outcome
+    assert ledger.balance("users:053", "EUR/2") == 88 and ledger.balance("platform", "EUR/2") == 12

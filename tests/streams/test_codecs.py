@@ -36,7 +36,10 @@ create_transactions = st.builds(
 )
 commands = st.one_of(
     create_transactions,
-    st.builds(CreateTransaction, script=st.builds(Script, text, st.dictionaries(text, text, max_size=2))),
+    st.builds(CreateTransaction, script=st.builds(
+        Script, st.sampled_from(["send [USD 1] (source = @world destination = @a)",
+                                 "vars { account $a }\nsend [EUR/2 *] (source = $a destination = @b)"]),
+        st.dictionaries(text, text, max_size=2))),
     st.builds(CreateLedger, metadata=metadata),
     st.builds(RevertTransaction, st.integers(0, 2**40), st.booleans(), st.booleans(), metadata),
     st.builds(SaveMetadata, st.just("ACCOUNT"), addresses, metadata),
@@ -90,6 +93,18 @@ def test_an_amount_out_of_range_from_a_direct_producer_is_a_validation_error():
     decoded = codecs.decode_requests(schema.encode(record))
     with pytest.raises(ValidationError):
         codecs.request_from_record(decoded[0])
+
+
+def test_a_script_that_does_not_compile_from_a_direct_producer_is_compilation_failed():
+    from ledger.errors import CompilationFailed
+
+    schema = codecs.codec("RequestBatch")
+    record = {"requests": [{
+        "request_id": "r", "ledger": "main", "received_at": 0,
+        "command": ("io.streamledger.CreateTransaction", {"script": {"plain": "send [", "vars": {}}}),
+    }]}
+    with pytest.raises(CompilationFailed):
+        codecs.request_from_record(codecs.decode_requests(schema.encode(record))[0])
 
 
 def test_log_entries_and_rejections_round_trip():
