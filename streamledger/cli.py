@@ -21,6 +21,9 @@ def _register() -> None:
     from streamledger import process_cli
 
     process_cli.register(main)
+    from streamledger import verify_cli
+
+    main.add_command(verify_cli.verify)
 
 
 _register()

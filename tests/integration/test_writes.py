@@ -78,3 +78,33 @@ def test_logs_list_newest_first_with_hashes(ledger):
     assert [log["type"] for log in logs] == ["SET_METADATA", "NEW_TRANSACTION"]
     assert [log["id"] for log in logs] == [2, 1]
     assert all(len(log["hash"]) == 44 for log in logs)
+
+
+def test_numscript_transaction_with_vars_and_metadata(ledger):
+    http("POST", f"{ledger}/transactions", tx("world", "orders:1", 10000, "EUR/2"))
+    script = {
+        "plain": (
+            "vars { account $order\n monetary $fee }\n"
+            "send $fee (source = $order destination = @platform:fees)\n"
+            "send [EUR/2 *] (source = $order destination = { 80% to @merchants:1 remaining to @merchants:2 })\n"
+            'set_tx_meta("kind", "payout")'
+        ),
+        "vars": {"order": "orders:1", "fee": "EUR/2 1000"},
+    }
+    created = http("POST", f"{ledger}/transactions", {"script": script, "reference": "payout-1"})
+    assert created.status == 200, created.body
+    postings = [(p["source"], p["destination"], p["amount"]) for p in created.body["data"]["postings"]]
+    assert postings == [("orders:1", "platform:fees", 1000), ("orders:1", "merchants:1", 7200),
+                        ("orders:1", "merchants:2", 1800)]
+    assert created.body["data"]["metadata"] == {"kind": "payout"}
+    assert balances(ledger, "merchants:1") == {"EUR/2": 7200}
+
+
+def test_numscript_errors_are_400s_with_formance_codes(ledger):
+    missing = http("POST", f"{ledger}/transactions", {"script": {"plain": "send [USD 5] (source = @nobody destination = @a)"}})
+    assert missing.status == 400 and missing.body["errorCode"] == "INSUFFICIENT_FUND"
+    broken = http("POST", f"{ledger}/transactions", {"script": {"plain": "send [USD 5] (source ="}})
+    assert broken.status == 400 and broken.body["errorCode"] == "COMPILATION_FAILED"
+    unknown_var = http("POST", f"{ledger}/transactions", {"script": {
+        "plain": "vars { account $a }\nsend [USD 5] (source = @world destination = $a)"}})
+    assert unknown_var.status == 400 and unknown_var.body["errorCode"] == "INTERPRETER_RUNTIME"
