@@ -23,7 +23,7 @@ from api.errors import ApiError, errors_middleware
 from ledger import commands, limits
 from ledger.commands import Request
 from ledger.machine import Committed, Rejected
-from ledger.model import validate_address, validate_ledger_name, validate_metadata
+from ledger.model import validate_address, validate_ledger_name, validate_metadata, validate_text
 from api.producer import Answer, RequestsClient
 from streams.settings import Settings
 
@@ -251,7 +251,7 @@ async def _metadata_write(request: web.Request, target_type: str, target_id, key
             raise ApiError("VALIDATION", "the body must be an object of string values")
         command: object = commands.SaveMetadata(target_type, target_id, validate_metadata(body))
     else:
-        command = commands.DeleteMetadata(target_type, target_id, key)
+        command = commands.DeleteMetadata(target_type, target_id, validate_text(key, "metadata key"))
     answer = await _submit(request, ledger, command, body)
     _committed(answer)
     return _respond(answer, None, 204)

@@ -18,6 +18,7 @@ from ledger.model import (
     validate_address,
     validate_ledger_name,
     validate_metadata,
+    validate_text,
 )
 from ledger.timeutil import parse_rfc3339
 
@@ -110,6 +111,8 @@ def create_transaction_from_json(body: object, *, force: bool = False) -> Create
         not isinstance(reference, str) or len(reference) > limits.reference_bytes_max
     ):
         raise ValidationError("reference must be a string of at most 1024 characters")
+    if reference is not None:
+        validate_text(reference, "reference")
     return CreateTransaction(
         postings=postings,
         script=script,
@@ -135,7 +138,7 @@ def parse_script(source: str):
 def _script_from_json(raw: object) -> Script:
     if not isinstance(raw, dict) or not isinstance(raw.get("plain"), str):
         raise ValidationError("script must be an object with a 'plain' Numscript program")
-    plain = raw["plain"]
+    plain = validate_text(raw["plain"], "the script")
     if len(plain) > limits.numscript_source_bytes_max:
         raise ValidationError("the script is too large")
     variables = raw.get("vars") or {}
@@ -146,7 +149,7 @@ def _script_from_json(raw: object) -> Script:
     for name, value in variables.items():
         if isinstance(value, bool) or not isinstance(value, (str, int)):
             raise ValidationError(f"script variable {name!r} must be a string")
-        vars_text[str(name)] = str(value)
+        vars_text[validate_text(str(name), "a script variable name")] = validate_text(str(value), f"script variable {name!r}")
     parse_script(plain)  # refuse a program that does not compile at the edge
     return Script(plain=plain, vars=vars_text)
 

@@ -23,17 +23,19 @@ def entry_line(
     idempotency_key: str = "",
     schema_version: str | None = None,
 ) -> str:
-    date_text = format_rfc3339(date)
-    line = (
-        '{"type":' + gojson.dumps(log_type)
-        + ',"data":' + gojson.dumps(memento)
-        + ',"date":' + gojson.dumps(date_text)
-        + ',"idempotencyKey":' + gojson.dumps(idempotency_key or "")
-        + ',"id":0,"hash":null'
-    )
+    # One encoder call for the whole line: dicts keep insertion order, which is Go's
+    # struct field order here.
+    line = {
+        "type": log_type,
+        "data": memento,
+        "date": format_rfc3339(date),
+        "idempotencyKey": idempotency_key or "",
+        "id": 0,
+        "hash": None,
+    }
     if schema_version:
-        line += ',"schemaVersion":' + gojson.dumps(schema_version)
-    return line + "}"
+        line["schemaVersion"] = schema_version
+    return gojson.dumps(line)
 
 
 def chain(previous: bytes | None, line: str) -> bytes:

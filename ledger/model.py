@@ -74,6 +74,16 @@ def validate_ledger_name(name: object) -> str:
     return name
 
 
+def validate_text(value: str, what: str) -> str:
+    """Strings must be valid Unicode text: JSON can smuggle in lone surrogates ("\\ud800")
+    that no UTF-8 encoder (Avro, RocksDB, Kafka) accepts."""
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        raise ValidationError(f"{what} is not valid Unicode text (lone surrogate)") from None
+    return value
+
+
 def validate_metadata(metadata: object, what: str = "metadata") -> dict[str, str]:
     if metadata is None:
         return {}
@@ -86,6 +96,8 @@ def validate_metadata(metadata: object, what: str = "metadata") -> dict[str, str
             raise ValidationError(f"{what} values must be strings (key {key!r})")
         if len(key) > limits.metadata_key_bytes_max or len(value) > limits.metadata_value_bytes_max:
             raise ValidationError(f"{what} entry {key!r} is too large")
+        validate_text(key, what)
+        validate_text(value, what)
     return metadata
 
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import datetime as _dt
 import re
+from functools import lru_cache
 
 _EPOCH = _dt.datetime(1970, 1, 1, tzinfo=_dt.timezone.utc)
 _RFC3339 = re.compile(
@@ -20,11 +21,18 @@ _RFC3339 = re.compile(
 def format_rfc3339(micros: int) -> str:
     """Render like Go's `time.RFC3339Nano` for a UTC time of microsecond precision."""
     seconds, fraction = divmod(micros, 1_000_000)
-    moment = _EPOCH + _dt.timedelta(seconds=seconds)
-    text = moment.strftime("%Y-%m-%dT%H:%M:%S")
+    text = _format_seconds(seconds)
     if fraction:
         text += "." + f"{fraction:06d}".rstrip("0")
     return text + "Z"
+
+
+@lru_cache(maxsize=4096)
+def _format_seconds(seconds: int) -> str:
+    # A batch stamps thousands of entries with the same few seconds: format each once.
+    # Not strftime: glibc's %Y does not pad years below 1000, Go's layout does.
+    m = _EPOCH + _dt.timedelta(seconds=seconds)
+    return f"{m.year:04d}-{m.month:02d}-{m.day:02d}T{m.hour:02d}:{m.minute:02d}:{m.second:02d}"
 
 
 def parse_rfc3339(text: str) -> int:

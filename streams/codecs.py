@@ -22,6 +22,8 @@ from pathlib import Path
 import fastavro
 from fastavro.schema import fingerprint, to_parsing_canonical_form
 
+from streams.fastjson import dumps_text
+
 from ledger import commands as c
 from ledger.errors import ValidationError
 from ledger.machine import Rejected
@@ -218,7 +220,7 @@ def encode_log_entry(entry: LogEntry) -> bytes:
         "ledger": entry.ledger,
         "id": entry.id,
         "type": entry.type,
-        "data": json.dumps(entry.data, separators=(",", ":"), ensure_ascii=False),
+        "data": dumps_text(entry.data),
         "date": entry.date,
         "idempotency_key": entry.idempotency_key,
         "idempotency_hash": entry.idempotency_hash,

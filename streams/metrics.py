@@ -15,3 +15,6 @@ batch_seconds = Histogram(
 recovered_records = Gauge(
     "streamledger_recovered_records", "Log records replayed at the last recovery", ["partition"]
 )
+batch_retries = Counter(
+    "streamledger_batch_retries_total", "Batches retried after a transient Kafka failure"
+)

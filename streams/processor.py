@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 import time
 from dataclasses import dataclass, field
+from functools import lru_cache
 from pathlib import Path
 
 from confluent_kafka import Consumer, KafkaError, KafkaException, Producer, TopicPartition
@@ -24,6 +25,10 @@ from streams.store import PartitionStore, rocksdb_options
 from streams.topics import COMMITTED, REJECTED, REPLIES, partition_for, producer_config
 
 log = logging.getLogger("streamledger.processor")
+
+
+class Fenced(Exception):
+    """Another worker took this partition over (its producer fenced ours): stop writing."""
 
 
 @dataclass
@@ -162,20 +167,28 @@ class PartitionProcessor:
              that redelivers requests, which are recognised by request id).
         """
         now = int(self._clock() * 1_000_000)
+        decoded = [item for payload in payloads for item in self._decode(payload, now)]
+        result = BatchResult()
+        # Records carry up to thousands of requests each: bound the requests per Kafka
+        # transaction (and the overlay's memory) by request count, not record count.
+        size = self.settings.batch_requests_max
+        for start in range(0, len(decoded), size):
+            self._apply_and_commit(decoded[start:start + size], now, result)
+        return result
+
+    def _apply_and_commit(self, requests: list, now: int, result: BatchResult) -> None:
         overlay = Overlay(self.store)
         emissions: list[tuple[str, str, bytes, str]] = []  # topic, ledger, value, request id
-        result = BatchResult()
-        for payload in payloads:
-            for request_or_rejection in self._decode(payload, now):
-                if isinstance(request_or_rejection, Rejected):
-                    outcome = request_or_rejection
-                    project_rejection(overlay, outcome)
-                else:
-                    outcome = execute(overlay, request_or_rejection, now, self.settings.numscript_flags)
-                emissions.append(self._emission(overlay, outcome, result))
+        flags = self.settings.numscript_flags
+        for request_or_rejection in requests:
+            if isinstance(request_or_rejection, Rejected):
+                outcome = request_or_rejection
+                project_rejection(overlay, outcome)
+            else:
+                outcome = execute(overlay, request_or_rejection, now, flags)
+            emissions.append(self._emission(overlay, outcome, result))
         positions = self._emit(emissions)
         self.store.commit(overlay.writes(), positions)
-        return result
 
     def _emission(self, overlay: Overlay, outcome, result: BatchResult) -> tuple[str, str, bytes, str]:
         if isinstance(outcome, Replayed):
@@ -216,7 +229,7 @@ class PartitionProcessor:
         decoded: list = []
         for record in records:
             try:
-                owner = partition_for(record["ledger"].encode(), self.settings.partitions)
+                owner = _partition_of(record["ledger"], self.settings.partitions)
                 if owner != self.partition:
                     raise ValidationError(
                         f"request for ledger '{record['ledger']}' arrived on partition "
@@ -235,8 +248,7 @@ class PartitionProcessor:
         """Produce the batch's records in one Kafka transaction; -> next offset per topic."""
         if not emissions:
             return {}
-        assert self._producer is not None, "process() before open()"
-        producer = self._producer
+        producer = self._ensure_producer()
         offsets: dict[str, int] = {}
 
         def delivered(error, message) -> None:
@@ -254,24 +266,41 @@ class PartitionProcessor:
                 producer.poll(0)
             producer.flush(60)
             producer.commit_transaction(60)
-        except KafkaException:
-            # Whatever failed (a timeout, a fenced or failed transaction), this batch is
-            # not in the log. Abort, start over with a new producer (a late commit or abort
-            # of the old transaction must not land on a later one), and let the caller
-            # retry the batch from the unchanged store.
+        except KafkaException as exception:
+            error = exception.args[0] if exception.args else None
+            if isinstance(error, KafkaError) and error.fatal():
+                # Fenced: a newer owner initialised this transactional.id. Re-initialising
+                # would fence it back (two zombies fighting), so this processor stops here.
+                self._producer = None
+                raise Fenced(f"partition {self.partition}: {error}") from exception
+            # Anything else (a timeout, a broker restart, an abortable error): this batch
+            # is not in the log. Abort, start over with a new producer (a late commit or
+            # abort of the old transaction must not land on a later one), and let the
+            # caller retry the batch from the unchanged store.
             self._reset_producer()
             raise
         offsets.pop(REPLIES, None)  # replies are not replayed: no position to keep
         return offsets
 
     def _reset_producer(self) -> None:
+        """Abort the open transaction and start a new producer; it is created lazily by the
+        next batch, so a broker that is down makes the retry wait, not this call."""
         old, self._producer = self._producer, None
         if old is not None:
             try:
                 old.abort_transaction(10)
             except KafkaException as error:
                 log.warning("partition %d: abort failed (%s); re-initialising", self.partition, error)
-        self._producer = self._new_producer()
+
+    def _ensure_producer(self) -> Producer:
+        if self._producer is None:
+            self._producer = self._new_producer()
+        return self._producer
+
+
+@lru_cache(maxsize=65_536)
+def _partition_of(ledger: str, partitions: int) -> int:
+    return partition_for(ledger.encode(), partitions)
 
 
 def _ledger_of(outcome: Committed | Rejected) -> str:

@@ -14,6 +14,8 @@ from __future__ import annotations
 
 import base64
 import json
+
+from streams.fastjson import dumps_json
 from pathlib import Path
 
 from rocksdict import Options, Rdict, WriteBatch, BlockBasedOptions, Cache
@@ -34,14 +36,14 @@ class StoreError(Exception):
 
 
 def encode_key(key: tuple) -> bytes:
-    return _SEP.join([
-        segment.to_bytes(8, "big") if isinstance(segment, int) else segment.encode()
-        for segment in key
-    ])
+    last = key[-1]
+    if isinstance(last, int):  # transaction and log ids: the only integer segment is the last
+        return "\x00".join(key[:-1]).encode() + _SEP + last.to_bytes(8, "big")
+    return "\x00".join(key).encode()
 
 
 def _dumps(value: object) -> bytes:
-    return json.dumps(value, separators=(",", ":"), ensure_ascii=False).encode()
+    return dumps_json(value)
 
 
 def encode_value(kind: str, value: object) -> bytes:

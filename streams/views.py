@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import faust
 from faust.web import Request, Response, View
+from faust.web.exceptions import ServiceUnavailable
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from ledger import render
@@ -23,8 +24,12 @@ def register(app: faust.App, worker, requests_topic) -> None:
 
     async def store_for(ledger: str):
         partition = partition_for(ledger.encode(), settings.partitions)
-        processor = await worker.processor(partition)
-        return processor.store
+        store = await worker.store_for_query(partition)
+        if store is None:
+            raise ServiceUnavailable(
+                f"ledger '{ledger}' is on partition {partition}, which is moving between workers; retry"
+            )
+        return store
 
     def not_found(view: View, code: str, message: str) -> Response:
         return view.json({"errorCode": code, "errorMessage": message}, status=404)

@@ -10,13 +10,16 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 from concurrent.futures import ThreadPoolExecutor
 
 import faust
 from faust.types import TP
 
 from streams import metrics
-from streams.processor import PartitionProcessor
+from confluent_kafka import KafkaException
+
+from streams.processor import Fenced, PartitionProcessor
 from streams.settings import Settings
 from streams.topics import REQUESTS
 
@@ -26,12 +29,14 @@ log = logging.getLogger("streamledger.worker")
 class Worker:
     """The processors of the partitions this worker owns, and the loop that feeds them."""
 
-    def __init__(self, settings: Settings) -> None:
+    def __init__(self, settings: Settings, owns=lambda partition: True) -> None:
         self.settings = settings
+        self.owns = owns  # does the consumer group still assign us this partition?
         self.processors: dict[int, PartitionProcessor] = {}
         self._ready: dict[int, asyncio.Future] = {}
+        self._locks: dict[int, asyncio.Lock] = {}
         # One thread per partition at most; RocksDB and librdkafka release the GIL.
-        self.executor = ThreadPoolExecutor(max_workers=4, thread_name_prefix="partition")
+        self.executor = ThreadPoolExecutor(max_workers=8, thread_name_prefix="partition")
 
     async def processor(self, partition: int) -> PartitionProcessor:
         """The partition's processor, opened (fenced and recovered) on first use."""
@@ -49,25 +54,71 @@ class Worker:
             future.set_result(processor)
         return await asyncio.shield(future)
 
+    async def store_for_query(self, partition: int):
+        """The partition's store for a read, or None when this worker does not own it.
+
+        A query never opens a partition this worker was not assigned: opening initialises
+        the partition's transactional producer, which would fence the real owner.
+        """
+        if partition not in self._ready and not self.owns(partition):
+            return None
+        processor = await self.processor(partition)
+        return processor.store
+
     def _open(self, partition: int) -> PartitionProcessor:
         processor = PartitionProcessor(self.settings, partition)
-        processor.open()
+        try:
+            processor.open()
+        except BaseException:
+            processor.close()  # release the RocksDB lock so a retry can open it again
+            raise
         metrics.recovered_records.labels(str(partition)).set(processor.recovered_entries)
         self.processors[partition] = processor
         return processor
 
+    def _lock(self, partition: int) -> asyncio.Lock:
+        lock = self._locks.get(partition)
+        if lock is None:
+            lock = self._locks[partition] = asyncio.Lock()
+        return lock
+
     async def release(self, partition: int) -> None:
-        future = self._ready.pop(partition, None)
-        processor = self.processors.pop(partition, None)
-        if future is not None and not future.done():
-            future.cancel()
-        if processor is not None:
-            await self._run(processor.close)
+        """Close a partition's processor once no batch of it is running."""
+        async with self._lock(partition):
+            future = self._ready.pop(partition, None)
+            processor = self.processors.pop(partition, None)
+            if future is not None and not future.done():
+                future.cancel()
+            if processor is not None:
+                await self._run(processor.close)
 
     async def process(self, partition: int, payloads: list) -> None:
-        processor = await self.processor(partition)
-        with metrics.batch_seconds.time():
-            result = await self._run(processor.process, payloads)
+        """Apply a batch, retrying transient Kafka failures until it is in the log.
+
+        A batch is never dropped while this worker owns the partition: its requests'
+        offsets must not be committed before their outcomes are. If the partition moved
+        to another worker meanwhile, the new owner gets the requests redelivered.
+        """
+        delay = 0.1
+        while True:
+            if not self.owns(partition):
+                log.warning("partition %d is no longer ours; its owner will apply %d records", partition, len(payloads))
+                return
+            try:
+                async with self._lock(partition):
+                    processor = await self.processor(partition)
+                    with metrics.batch_seconds.time():
+                        result = await self._run(processor.process, payloads)
+                break
+            except Fenced as error:
+                log.warning("%s; releasing the partition", error)
+                await self.release(partition)
+                return
+            except KafkaException as error:
+                metrics.batch_retries.inc()
+                log.warning("partition %d: batch failed (%s); retrying in %.1fs", partition, error, delay)
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 5.0)
         metrics.batch_requests.observe(result.committed + result.rejected + result.replayed)
         for ledger, (applied, rejected) in result.per_ledger.items():
             if applied:
@@ -105,7 +156,13 @@ def create_app(settings: Settings | None = None) -> faust.App:
         web_in_thread=False,
         logging_config=None,
     )
-    worker = Worker(settings)
+    def owns(partition: int) -> bool:
+        try:
+            return TP(REQUESTS, partition) in app.consumer.assignment()
+        except Exception:  # noqa: BLE001 — consumer not started yet: not ours yet
+            return False
+
+    worker = Worker(settings, owns)
     app.streamledger_worker = worker  # type: ignore[attr-defined]
     app.streamledger_settings = settings  # type: ignore[attr-defined]
     requests_topic = app.topic(
@@ -140,8 +197,19 @@ def create_app(settings: Settings | None = None) -> faust.App:
             by_partition: dict[int, list] = {}
             for event in events:
                 by_partition.setdefault(event.message.partition, []).append(event.message.value)
-            for partition, payloads in by_partition.items():
-                await worker.process(partition, payloads)
+            try:
+                # Partitions are independent serial writers: overlap their Kafka round
+                # trips (librdkafka and RocksDB release the GIL while they wait).
+                await asyncio.gather(*(
+                    worker.process(partition, payloads) for partition, payloads in by_partition.items()
+                ))
+            except Exception:
+                # A bug or a store failure, never an operating error (those are outcomes
+                # or retried). Crash now, before faust commits these requests' offsets:
+                # the restarted worker recovers from the log and gets them redelivered.
+                log.critical("unexpected failure applying a batch; exiting", exc_info=True)
+                logging.shutdown()
+                os._exit(70)
 
     @app.on_before_shutdown.connect
     async def _shutdown(app_: faust.App, **_kwargs) -> None:

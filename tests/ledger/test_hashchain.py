@@ -70,3 +70,8 @@ def test_parse_accepts_offsets_and_rounds_nanoseconds():
 def test_parse_rejects_non_rfc3339(bad):
     with pytest.raises(ValueError):
         parse_rfc3339(bad)
+
+
+def test_years_before_1000_are_zero_padded_like_go():
+    assert format_rfc3339(parse_rfc3339("0001-01-01T00:00:00Z")) == "0001-01-01T00:00:00Z"
+    assert format_rfc3339(parse_rfc3339("0999-12-31T23:59:59.5Z")) == "0999-12-31T23:59:59.5Z"

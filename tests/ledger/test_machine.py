@@ -223,3 +223,19 @@ def test_scripts_read_account_metadata_from_the_ledger():
         sale="sales:042")))
     assert isinstance(outcome, Committed), outcome
     assert ledger.balance("users:053", "EUR/2") == 88 and ledger.balance("platform", "EUR/2") == 12
+
+
+@pytest.mark.parametrize("where", ["metadata", "reference", "accountMetadata", "vars"])
+def test_lone_surrogates_are_refused_at_the_edge(where):
+    """JSON can carry "\\ud800", which no UTF-8 encoder downstream accepts: a poison pill."""
+    body: dict = {"postings": [posting("world", "a", 1)]}
+    if where == "metadata":
+        body["metadata"] = {"k": "\ud800"}
+    elif where == "reference":
+        body["reference"] = "\udc00"
+    elif where == "accountMetadata":
+        body["accountMetadata"] = {"a": {"\ud800": "v"}}
+    else:
+        body = {"script": {"plain": "send [USD 1] (source = @world destination = @a)", "vars": {"x": "\ud800"}}}
+    with pytest.raises(ValidationError):
+        create_transaction_from_json(body)
