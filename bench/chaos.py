@@ -307,11 +307,12 @@ class Producing(threading.Thread):
         super().__init__(name="producer", daemon=True)
         from confluent_kafka import Producer
 
-        self.producer = Producer(producer_config(bootstrap, **{
+        config = producer_config(bootstrap, **{
             "linger.ms": 5, "compression.type": "lz4", "message.timeout.ms": 120_000,
             "queue.buffering.max.messages": 1_000_000, "queue.buffering.max.kbytes": 512 * 1024,
-            "log_level": 2,  # the broker restart makes librdkafka log every refused connect
-        }))
+        })
+        config["log_level"] = 2  # the broker restart makes librdkafka log every refused connect
+        self.producer = Producer(config)
         self.stream = stream
         self.total = total
         self.rate = rate
