@@ -492,14 +492,21 @@ def _touch_account(
     state: Overlay, ledger: str, address: str, timestamp: int, date: int,
     metadata: dict[str, str] | None,
 ) -> None:
+    """Create the account on first use; keep `firstUsage` the earliest effective date.
+
+    An account already known, used at a later date, without new metadata, is not
+    rewritten: `updatedAt` moves with the account's own changes (metadata), as in Formance.
+    """
     record = state.get((ACCOUNT, ledger, address))
     if record is None:
         record = AccountRecord(address, {}, first_usage=timestamp, insertion_date=date, updated_at=date)
     else:
         assert isinstance(record, AccountRecord)
+        if not metadata and record.first_usage <= timestamp:
+            return
         record = AccountRecord(
             address, dict(record.metadata), min(record.first_usage, timestamp),
-            record.insertion_date, date,
+            record.insertion_date, date if metadata else record.updated_at,
         )
     if metadata:
         record.metadata.update(metadata)

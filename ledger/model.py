@@ -8,6 +8,7 @@ shapes are built by the `*_json` helpers here so every layer renders them the sa
 from __future__ import annotations
 
 import re
+from functools import lru_cache
 from dataclasses import dataclass, field
 
 from ledger import limits
@@ -35,18 +36,27 @@ TARGET_TRANSACTION = "TRANSACTION"
 
 
 def validate_address(address: object, what: str = "address") -> str:
-    if not isinstance(address, str) or len(address) > limits.address_bytes_max or (
-        ADDRESS_PATTERN.match(address) is None
-    ):
-        raise ValidationError(
-            f"{what} {address!r} is not a valid account address "
-            "(segments of [a-zA-Z0-9_-] separated by ':')"
-        )
-    return address
+    if isinstance(address, str) and _is_address(address):
+        return address
+    raise ValidationError(
+        f"{what} {address!r} is not a valid account address "
+        "(segments of [a-zA-Z0-9_-] separated by ':')"
+    )
+
+
+@lru_cache(maxsize=65_536)
+def _is_address(address: str) -> bool:
+    # Addresses repeat across requests: remember the verdict of the last few thousand.
+    return len(address) <= limits.address_bytes_max and ADDRESS_PATTERN.match(address) is not None
+
+
+@lru_cache(maxsize=4096)
+def _is_asset(asset: str) -> bool:
+    return ASSET_PATTERN.match(asset) is not None
 
 
 def validate_asset(asset: object) -> str:
-    if not isinstance(asset, str) or ASSET_PATTERN.match(asset) is None:
+    if not isinstance(asset, str) or not _is_asset(asset):
         raise ValidationError(
             f"asset {asset!r} is not a valid asset (e.g. USD, USD/2, EUR_STRIPE/2)"
         )

@@ -35,6 +35,7 @@ def _format_seconds(seconds: int) -> str:
     return f"{m.year:04d}-{m.month:02d}-{m.day:02d}T{m.hour:02d}:{m.minute:02d}:{m.second:02d}"
 
 
+@lru_cache(maxsize=4096)
 def parse_rfc3339(text: str) -> int:
     """Parse an RFC 3339 date (any offset, up to nanoseconds) to UTC microseconds.
 

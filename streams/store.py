@@ -28,6 +28,7 @@ from ledger.state import (
 )
 
 _SEP = b"\x00"
+_MISSING = object()
 _POSITION_PREFIX = b"\xffpos\x00"
 
 
@@ -135,16 +136,29 @@ def rocksdb_options(block_cache_mb: int, write_buffer_mb: int) -> Options:
 class PartitionStore:
     """The state of one partition: every ledger whose key hashes to it."""
 
-    def __init__(self, path: Path, options: Options) -> None:
+    def __init__(self, path: Path, options: Options, cache_entries_max: int = 200_000) -> None:
         path.mkdir(parents=True, exist_ok=True)
         self.path = path
         self._db = Rdict(str(path), options)
+        # Decoded values of recently used keys (balances of active accounts, the head…),
+        # written through on commit. Bounded by entry count; cleared wholesale when full,
+        # which costs one round of RocksDB reads and keeps the hot path free of LRU
+        # bookkeeping. Values are immutable once stored (the core copies before changing).
+        self._cache: dict[tuple, object] = {}
+        self._cache_entries_max = cache_entries_max
 
     def get(self, key: tuple) -> object | None:
+        cache = self._cache
+        value = cache.get(key, _MISSING)
+        if value is not _MISSING:
+            return value
         raw = self._db.get(encode_key(key))
-        if raw is None:
-            return None
-        return decode_value(key[0], raw)
+        value = None if raw is None else decode_value(key[0], raw)
+        if value is not None and key[0] != REQUEST:  # request ids are looked up once
+            if len(cache) >= self._cache_entries_max:
+                cache.clear()
+            cache[key] = value
+        return value
 
     def position(self, topic: str) -> int | None:
         raw = self._db.get(_POSITION_PREFIX + topic.encode())
@@ -169,6 +183,17 @@ class PartitionStore:
                 raise StoreError(f"position of {topic} would move back from {current} to {offset}")
             batch.put(_POSITION_PREFIX + topic.encode(), str(offset).encode())
         self._db.write(batch)
+        cache = self._cache
+        if len(cache) + len(writes) > self._cache_entries_max:
+            cache.clear()
+        for key, value in writes:
+            kind = key[0]
+            if value is None:
+                cache.pop(key, None)
+            elif kind == VOLUMES or kind == HEAD or kind == ACCOUNT or kind == LEDGER:
+                cache[key] = value
+            else:
+                cache.pop(key, None)  # e.g. a transaction marked reverted: never serve it stale
 
     def scan(self, prefix: tuple, *, start: tuple | None = None, reverse: bool = False):
         """Yield (key bytes, decoded value) for every key under `prefix`, in key order."""
