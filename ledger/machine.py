@@ -24,6 +24,7 @@ from ledger.commands import (
     SaveMetadata,
 )
 from ledger.errors import (
+    InterpreterRuntime,
     MetadataOverride,
     AlreadyReverted,
     Conflict,
@@ -247,7 +248,14 @@ def _run_script(state: Overlay, ledger: str, command: CreateTransaction, flags: 
 
     assert command.script is not None
     program = parse_script(command.script.plain)
-    result = numscript.execute(program, command.script.vars, _ScriptStore(state, ledger), flags)
+    try:
+        result = numscript.execute(program, command.script.vars, _ScriptStore(state, ledger), flags)
+    except LedgerError:
+        raise
+    except (ArithmeticError, LookupError, RecursionError, TypeError, ValueError) as error:
+        # A program is user input: whatever it makes the interpreter trip on must be this
+        # request's rejection, not a crash loop of the partition (a poison pill).
+        raise InterpreterRuntime(f"the script failed: {type(error).__name__}: {error}") from None
     postings = [Posting(p.source, p.destination, p.amount, p.asset) for p in result.postings]
     for posting in postings:  # the interpreter's own post-check, restated at the boundary
         assert posting.amount >= 0, posting

@@ -27,7 +27,7 @@ from streams.fastjson import dumps_text
 from ledger import commands as c
 from ledger.errors import ValidationError
 from ledger.machine import Rejected
-from ledger.model import LogEntry, Posting, validate_amount
+from ledger.model import LogEntry, Posting, validate_amount, validate_ledger_name
 from ledger.timeutil import format_rfc3339
 
 SCHEMAS_DIR = Path(__file__).resolve().parent.parent / "schemas"
@@ -154,9 +154,11 @@ def request_from_record(record: dict) -> c.Request:
     Raises `ValidationError` for a field out of range; the caller rejects that request.
     """
     name, body = record["command"]
+    if not record["request_id"] or len(record["request_id"]) > 256:
+        raise ValidationError("request_id must be 1 to 256 characters")
     return c.Request(
         request_id=record["request_id"],
-        ledger=record["ledger"],
+        ledger=validate_ledger_name(record["ledger"]),
         command=_command_from_record(name.removeprefix(_NAMESPACE), body),
         idempotency_key=record["idempotency_key"],
         idempotency_hash=record["idempotency_hash"],

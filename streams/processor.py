@@ -22,9 +22,13 @@ from ledger.state import HEAD, LOG, Head, Overlay
 from streams import codecs
 from streams.settings import Settings
 from streams.store import PartitionStore, rocksdb_options
-from streams.topics import COMMITTED, REJECTED, REPLIES, partition_for, producer_config
+from streams.topics import COMMITTED, REJECTED, REPLIES, REQUESTS, partition_for, producer_config
 
 log = logging.getLogger("streamledger.processor")
+
+
+# The rejection code of a record on ledger.requests that is not a request batch at all.
+INVALID_RECORD = "INVALID_RECORD"
 
 
 class Fenced(Exception):
@@ -150,7 +154,7 @@ class PartitionProcessor:
 
     # -- the write path ----------------------------------------------------------------
 
-    def process(self, payloads: list[bytes | None]) -> BatchResult:
+    def process(self, payloads: list[tuple[int, bytes | None, bytes | None]]) -> BatchResult:
         """Apply a batch of `ledger.requests` record values and emit their outcomes.
 
         The order of a commit (check crash cases one by one):
@@ -167,7 +171,7 @@ class PartitionProcessor:
              that redelivers requests, which are recognised by request id).
         """
         now = int(self._clock() * 1_000_000)
-        decoded = [item for payload in payloads for item in self._decode(payload, now)]
+        decoded = [item for offset, key, value in payloads for item in self._decode(offset, key, value, now)]
         result = BatchResult()
         # Records carry up to thousands of requests each: bound the requests per Kafka
         # transaction (and the overlay's memory) by request count, not record count.
@@ -220,12 +224,21 @@ class PartitionProcessor:
         return Rejected(replayed.request_id, record.ledger, record.code or "INTERNAL",
                         record.message or "", record.details or {}, record.date)
 
-    def _decode(self, payload: bytes | None, now: int) -> list:
+    def _decode(self, offset: int, key: bytes | None, payload: bytes | None, now: int) -> list:
+        """Requests of one record; a record that is not a request batch becomes one
+        rejection named after its position (it has no request id of its own), so the
+        producer can find it, and a redelivery of it is recognised like any request."""
         try:
             records = codecs.decode_requests(payload)  # type: ignore[arg-type]
         except codecs.CodecError as error:
-            log.warning("partition %d: dropped a record that is not a request: %s", self.partition, error)
-            return []
+            log.warning("partition %d offset %d: not a request batch: %s", self.partition, offset, error)
+            ledger = (key or b"").decode("utf-8", errors="replace")
+            return [Rejected(
+                f"{REQUESTS}/{self.partition}/{offset}", ledger, INVALID_RECORD,
+                f"record at {REQUESTS} partition {self.partition} offset {offset} is not a "
+                f"RequestBatch in Avro single-object encoding: {error}",
+                {"partition": self.partition, "offset": offset}, now,
+            )]
         decoded: list = []
         for record in records:
             try:

@@ -196,7 +196,8 @@ def create_app(settings: Settings | None = None) -> faust.App:
         async for events in stream.take_events(settings.batch_requests_max, within=linger):
             by_partition: dict[int, list] = {}
             for event in events:
-                by_partition.setdefault(event.message.partition, []).append(event.message.value)
+                message = event.message
+                by_partition.setdefault(message.partition, []).append((message.offset, message.key, message.value))
             try:
                 # Partitions are independent serial writers: overlap their Kafka round
                 # trips (librdkafka and RocksDB release the GIL while they wait).
