@@ -333,4 +333,5 @@ def _decode_cursor(cursor: str) -> int:
 async def get_account(request: web.Request) -> web.Response:
     ledger = _ledger_name(request)
     address = validate_address(request.match_info["address"])
-    return web.json_response(await _forward(request, f"/ledger/{ledger}/accounts/{address}"))
+    params = {name: request.query[name] for name in ("pit", "expand") if name in request.query}
+    return web.json_response(await _forward(request, f"/ledger/{ledger}/accounts/{address}", params))

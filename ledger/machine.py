@@ -50,6 +50,8 @@ from ledger.model import (
     volumes_json,
 )
 from ledger.state import (
+    EFFECTIVE,
+    effective_moment,
     ACCOUNT,
     HEAD,
     IDEMPOTENCY,
@@ -66,7 +68,7 @@ from ledger.state import (
     Overlay,
     RequestRecord,
 )
-from ledger.timeutil import format_rfc3339
+from ledger.timeutil import format_rfc3339, parse_rfc3339
 
 
 @dataclass(frozen=True, slots=True)
@@ -270,6 +272,8 @@ class _ScriptResult:
 
 
 REVERTS_METADATA_KEY = "com.formance.spec/state/reverts"
+# Formance's per-ledger feature: SYNC (default) keeps effective volumes, DISABLED does not.
+EFFECTIVE_VOLUMES_FEATURE = "MOVES_HISTORY_POST_COMMIT_EFFECTIVE_VOLUMES"
 
 
 def _revert_transaction(
@@ -428,13 +432,16 @@ def project_entry(state: Overlay, entry: LogEntry) -> None:
         transaction_id = head.last_transaction_id
         if entry.type in (NEW_TRANSACTION, REVERTED_TRANSACTION):
             transaction_id = entry.data["transaction"]["id"]
-        state.put((HEAD, ledger), Head(entry.id, entry.hash, transaction_id, max(entry.date, head.last_date)))
+        max_timestamp = head.max_timestamp
+        if entry.type in (NEW_TRANSACTION, REVERTED_TRANSACTION):
+            timestamp = parse_rfc3339(entry.data["transaction"]["timestamp"])
+            max_timestamp = timestamp if max_timestamp is None else max(max_timestamp, timestamp)
+        state.put((HEAD, ledger), Head(
+            entry.id, entry.hash, transaction_id, max(entry.date, head.last_date), max_timestamp))
     state.put((LOG, ledger, entry.id), entry)
 
 
 def _project_transaction(state: Overlay, entry: LogEntry, raw: dict, account_metadata: dict | None) -> None:
-    from ledger.timeutil import parse_rfc3339
-
     ledger = entry.ledger
     postings = [Posting(p["source"], p["destination"], p["amount"], p["asset"]) for p in raw["postings"]]
     timestamp = parse_rfc3339(raw["timestamp"])
@@ -465,6 +472,57 @@ def _project_transaction(state: Overlay, entry: LogEntry, raw: dict, account_met
         state.put((REFERENCE, ledger, transaction.reference), transaction.id)
     raw["postCommitVolumes"] = volumes_json(post_commit)
     raw["insertedAt"] = format_rfc3339(entry.date)
+    if _effective_volumes_enabled(state, ledger):
+        effective = _project_effective(state, ledger, transaction, post_commit)
+        raw["postCommitEffectiveVolumes"] = volumes_json(effective)
+
+
+def _effective_volumes_enabled(state: Overlay, ledger: str) -> bool:
+    info = state.get((LEDGER, ledger))
+    return info is None or info.features.get(EFFECTIVE_VOLUMES_FEATURE, "SYNC") != "DISABLED"  # type: ignore[union-attr]
+
+
+def _project_effective(
+    state: Overlay, ledger: str, transaction: Transaction, post_commit: dict[str, dict[str, Volumes]],
+) -> dict[str, dict[str, Volumes]]:
+    """Record this transaction's effective volumes per (account, asset) it moves.
+
+    In effective-date order, a move's effective volumes are the sum of every move at or
+    before it. A transaction at or after the ledger's latest timestamp is the last move of
+    each of its accounts, so its effective volumes are its insertion volumes: one write
+    each, no read. A back-dated one (Formance's bitemporality) is inserted between earlier
+    and later moves: its volumes are the previous move's plus its own, and every later
+    move of that account and asset grows by the same amounts — O(later moves), as in
+    Formance's `update_effective_volumes` trigger.
+    """
+    head = _head(state, ledger)
+    moment = effective_moment(transaction.timestamp, transaction.id)
+    latest = head.max_timestamp is None or transaction.timestamp >= head.max_timestamp
+    deltas: dict[tuple[str, str], list[int]] = {}
+    for posting in transaction.postings:
+        deltas.setdefault((posting.source, posting.asset), [0, 0])[1] += posting.amount
+        deltas.setdefault((posting.destination, posting.asset), [0, 0])[0] += posting.amount
+    effective: dict[str, dict[str, Volumes]] = {}
+    for (account, asset), (input_delta, output_delta) in deltas.items():
+        if latest:
+            volumes = post_commit[account][asset]
+        else:
+            volumes = _insert_back_dated(state, (EFFECTIVE, ledger, account, asset), moment, input_delta, output_delta)
+        state.put((EFFECTIVE, ledger, account, asset, moment), volumes)
+        effective.setdefault(account, {})[asset] = volumes
+    return effective
+
+
+def _insert_back_dated(state: Overlay, prefix: tuple, moment: bytes, input_delta: int, output_delta: int) -> Volumes:
+    previous = Volumes()
+    for key, volumes in state.scan(prefix, moment, reverse=True):
+        if key < moment:
+            previous = volumes  # type: ignore[assignment]
+            break
+    for key, volumes in list(state.scan(prefix, moment)):
+        if key > moment:
+            state.put(prefix + (key,), Volumes(volumes.input + input_delta, volumes.output + output_delta))  # type: ignore[union-attr]
+    return Volumes(previous.input + input_delta, previous.output + output_delta)
 
 
 def _mark_reverted(state: Overlay, ledger: str, transaction_id: int, date: int) -> None:

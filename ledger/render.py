@@ -18,8 +18,8 @@ def ledger_json(info: LedgerInfo, ledger_id: int = 0) -> dict:
     }
 
 
-def transaction_json(t: Transaction) -> dict:
-    post = t.post_commit_volumes
+def _pre_commit(t: Transaction, post: dict[str, dict[str, Volumes]]) -> dict[str, dict[str, Volumes]]:
+    """Volumes before the transaction: the post-commit ones minus its own postings."""
     pre = {
         account: {asset: Volumes(v.input, v.output) for asset, v in by_asset.items()}
         for account, by_asset in post.items()
@@ -29,6 +29,13 @@ def transaction_json(t: Transaction) -> dict:
         pre[posting.source][posting.asset] = Volumes(source.input, source.output - posting.amount)
         destination = pre[posting.destination][posting.asset]
         pre[posting.destination][posting.asset] = Volumes(destination.input - posting.amount, destination.output)
+    return pre
+
+
+def transaction_json(t: Transaction, effective: dict[str, dict[str, Volumes]] | None = None) -> dict:
+    """`effective`: the transaction's current post-commit effective volumes, when kept."""
+    post = t.post_commit_volumes
+    pre = _pre_commit(t, post)
     body = {
         "id": t.id,
         "timestamp": format_rfc3339(t.timestamp),
@@ -41,12 +48,18 @@ def transaction_json(t: Transaction) -> dict:
         "postCommitVolumes": volumes_json(post),
         "preCommitVolumes": volumes_json(pre),
     }
+    if effective is not None:
+        body["postCommitEffectiveVolumes"] = volumes_json(effective)
+        body["preCommitEffectiveVolumes"] = volumes_json(_pre_commit(t, effective))
     if t.reference:
         body["reference"] = t.reference
     return body
 
 
-def account_json(record: AccountRecord | None, address: str, volumes: dict[str, Volumes]) -> dict:
+def account_json(
+    record: AccountRecord | None, address: str, volumes: dict[str, Volumes],
+    effective: dict[str, Volumes] | None = None,
+) -> dict:
     body: dict = {"address": address, "metadata": record.metadata if record else {}}
     if record is not None:
         body["firstUsage"] = format_rfc3339(record.first_usage)
@@ -54,4 +67,6 @@ def account_json(record: AccountRecord | None, address: str, volumes: dict[str, 
         body["updatedAt"] = format_rfc3339(record.updated_at)
     body["volumes"] = {asset: v.to_json() for asset, v in sorted(volumes.items())}
     body["balances"] = {asset: v.balance for asset, v in sorted(volumes.items())}
+    if effective is not None:
+        body["effectiveVolumes"] = {asset: v.to_json() for asset, v in sorted(effective.items())}
     return body

@@ -15,12 +15,17 @@ Keys (first element is the kind):
     ("I", ledger, key)             -> IdempotencyRecord
     ("Q", request_id)              -> RequestRecord (the outcome of every applied request)
     ("G", ledger, log_id)          -> LogEntry
+    ("E", ledger, account, asset, moment) -> Volumes: effective volumes after the move of one
+                                      transaction, ordered by effective date; `moment` is
+                                      `effective_moment(timestamp, transaction id)` (bytes)
+
+Only the last key segment may be an integer or bytes; every other segment is text.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Iterable, Protocol
+from typing import Iterable, Iterator, Protocol
 
 LEDGER = "L"
 HEAD = "H"
@@ -31,6 +36,15 @@ REFERENCE = "R"
 IDEMPOTENCY = "I"
 REQUEST = "Q"
 LOG = "G"
+EFFECTIVE = "E"
+
+
+def effective_moment(timestamp: int, transaction_id: int) -> bytes:
+    """A move's position in effective-date order: by timestamp, then transaction id.
+
+    16 bytes that sort as (timestamp, id) do, negative timestamps (before 1970) included.
+    """
+    return (timestamp + (1 << 63)).to_bytes(8, "big") + transaction_id.to_bytes(8, "big")
 
 @dataclass(slots=True)
 class LedgerInfo:
@@ -49,6 +63,9 @@ class Head:
     last_hash: bytes | None = None
     last_transaction_id: int = 0
     last_date: int = 0
+    # The latest effective timestamp of any transaction: a transaction at or after it is
+    # the newest of every account it moves; one before it is back-dated.
+    max_timestamp: int | None = None
 
 
 @dataclass(slots=True)
@@ -81,6 +98,11 @@ class RequestRecord:
 class Reader(Protocol):
     def get(self, key: tuple) -> object | None: ...
 
+    def scan(self, prefix: tuple, start: bytes | None = None, reverse: bool = False) -> Iterator[tuple[bytes, object]]:
+        """(last key segment, value) of the keys `prefix + (segment,)` in byte order of the
+        segment, from `start` (inclusive) forwards, or backwards from it with `reverse`."""
+        ...
+
 
 class MemoryStore:
     """A dict-backed `Reader` whose `apply` takes an overlay's writes."""
@@ -90,6 +112,14 @@ class MemoryStore:
 
     def get(self, key: tuple) -> object | None:
         return self.data.get(key)
+
+    def scan(self, prefix: tuple, start: bytes | None = None, reverse: bool = False):
+        n = len(prefix)
+        rows = sorted(
+            (key[n], value) for key, value in self.data.items()
+            if len(key) == n + 1 and key[:n] == prefix and isinstance(key[n], bytes)
+        )
+        return iter(_window(rows, start, reverse))
 
     def apply(self, writes: Iterable[tuple[tuple, object | None]]) -> None:
         for key, value in writes:
@@ -114,6 +144,19 @@ class Overlay:
             return writes[key]  # None: deleted in this overlay
         return self.base.get(key)
 
+    def scan(self, prefix: tuple, start: bytes | None = None, reverse: bool = False):
+        """The base's rows overlaid with this overlay's writes. Materialises the range:
+        only back-dated transactions scan, and then only one account's moves."""
+        n = len(prefix)
+        rows = dict(self.base.scan(prefix, None, False))
+        for key, value in self._writes.items():
+            if len(key) == n + 1 and key[:n] == prefix:
+                if value is None:
+                    rows.pop(key[n], None)
+                else:
+                    rows[key[n]] = value
+        return iter(_window(sorted(rows.items()), start, reverse))
+
     def put(self, key: tuple, value: object | None) -> None:
         """Write `value`, or delete the key when `value` is None."""
         self._writes[key] = value
@@ -125,3 +168,11 @@ class Overlay:
         """Hand this overlay's writes to the overlay it reads through (a request succeeded)."""
         assert self.base is parent
         parent._writes.update(self._writes)
+
+
+def _window(rows: list, start: bytes | None, reverse: bool) -> list:
+    if reverse:
+        rows = [row for row in rows if start is None or row[0] <= start]
+        rows.reverse()
+        return rows
+    return [row for row in rows if start is None or row[0] >= start]

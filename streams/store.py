@@ -23,7 +23,7 @@ from rocksdict import Options, Rdict, WriteBatch, BlockBasedOptions, Cache
 from ledger.machine import Rejected  # noqa: F401  (kept for type context)
 from ledger.model import LogEntry, Posting, Transaction, Volumes
 from ledger.state import (
-    ACCOUNT, HEAD, IDEMPOTENCY, LEDGER, LOG, REFERENCE, REQUEST, TRANSACTION, VOLUMES,
+    ACCOUNT, EFFECTIVE, HEAD, IDEMPOTENCY, LEDGER, LOG, REFERENCE, REQUEST, TRANSACTION, VOLUMES,
     AccountRecord, Head, IdempotencyRecord, LedgerInfo, RequestRecord,
 )
 
@@ -40,6 +40,8 @@ def encode_key(key: tuple) -> bytes:
     last = key[-1]
     if isinstance(last, int):  # transaction and log ids: the only integer segment is the last
         return "\x00".join(key[:-1]).encode() + _SEP + last.to_bytes(8, "big")
+    if isinstance(last, bytes):  # an effective moment (ledger.state.effective_moment)
+        return "\x00".join(key[:-1]).encode() + _SEP + last
     return "\x00".join(key).encode()
 
 
@@ -48,12 +50,12 @@ def _dumps(value: object) -> bytes:
 
 
 def encode_value(kind: str, value: object) -> bytes:
-    if kind == VOLUMES:
+    if kind == VOLUMES or kind == EFFECTIVE:
         return b"%d,%d" % (value.input, value.output)  # type: ignore[union-attr]
     if kind == HEAD:
         h: Head = value  # type: ignore[assignment]
         return _dumps([h.last_log_id, base64.b64encode(h.last_hash or b"").decode(),
-                       h.last_transaction_id, h.last_date, h.last_hash is None])
+                       h.last_transaction_id, h.last_date, h.last_hash is None, h.max_timestamp])
     if kind == REFERENCE:
         return str(value).encode()
     if kind == LEDGER:
@@ -78,14 +80,14 @@ def encode_value(kind: str, value: object) -> bytes:
 
 
 def decode_value(kind: str, raw: bytes) -> object:
-    if kind == VOLUMES:
+    if kind == VOLUMES or kind == EFFECTIVE:
         input_text, output_text = raw.split(b",")
         return Volumes(int(input_text), int(output_text))
     if kind == REFERENCE:
         return int(raw)
     v = json.loads(raw)
     if kind == HEAD:
-        return Head(v[0], None if v[4] else base64.b64decode(v[1]), v[2], v[3])
+        return Head(v[0], None if v[4] else base64.b64decode(v[1]), v[2], v[3], v[5] if len(v) > 5 else None)
     if kind == LEDGER:
         return LedgerInfo(name=v[0], added_at=v[1], bucket=v[2], metadata=v[3], features=v[4])
     if kind == ACCOUNT:
@@ -195,15 +197,26 @@ class PartitionStore:
             else:
                 cache.pop(key, None)  # e.g. a transaction marked reverted: never serve it stale
 
-    def scan(self, prefix: tuple, *, start: tuple | None = None, reverse: bool = False):
+    def scan(self, prefix: tuple, start: bytes | None = None, reverse: bool = False):
+        """The core's `Reader.scan`: (last key segment, value) under `prefix`."""
+        raw_prefix = encode_key(prefix) + _SEP
+        skip = len(raw_prefix)
+        raw_start = None if start is None else raw_prefix + start
+        for key, value in self._scan_raw(prefix[0], raw_prefix, raw_start, reverse):
+            yield key[skip:], value
+
+    def scan_keys(self, prefix: tuple, *, start: tuple | None = None, reverse: bool = False):
         """Yield (key bytes, decoded value) for every key under `prefix`, in key order."""
-        kind = prefix[0]
         raw_prefix = encode_key(prefix) + (_SEP if len(prefix) > 1 else b"")
+        raw_start = None if start is None else encode_key(start)
+        return self._scan_raw(prefix[0], raw_prefix, raw_start, reverse)
+
+    def _scan_raw(self, kind: str, raw_prefix: bytes, raw_start: bytes | None, reverse: bool):
         iterator = self._db.iter()
         if reverse:
-            iterator.seek_for_prev(raw_prefix + b"\xff" * 9 if start is None else encode_key(start))
+            iterator.seek_for_prev(raw_prefix + b"\xff" * 32 if raw_start is None else raw_start)
         else:
-            iterator.seek(raw_prefix if start is None else encode_key(start))
+            iterator.seek(raw_prefix if raw_start is None else raw_start)
         while iterator.valid():
             key = iterator.key()
             if not key.startswith(raw_prefix):

@@ -14,9 +14,35 @@ from faust.web.exceptions import ServiceUnavailable
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from ledger import render
-from ledger.state import ACCOUNT, LEDGER, LOG, TRANSACTION, VOLUMES, AccountRecord
+from ledger.state import ACCOUNT, EFFECTIVE, LEDGER, LOG, TRANSACTION, VOLUMES, AccountRecord, effective_moment
+from ledger.timeutil import parse_rfc3339
 from streams.codecs import log_entry_json
 from streams.topics import partition_for
+
+
+def _effective(store, ledger: str, transaction) -> dict | None:
+    """A transaction's post-commit effective volumes as they stand now (back-dated
+    transactions inserted after it may have changed them), or None when not kept."""
+    moment = effective_moment(transaction.timestamp, transaction.id)
+    effective: dict = {}
+    for posting in transaction.postings:
+        for account in (posting.source, posting.destination):
+            volumes = store.get((EFFECTIVE, ledger, account, posting.asset, moment))
+            if volumes is None:
+                return None
+            effective.setdefault(account, {})[posting.asset] = volumes
+    return effective
+
+
+def _effective_at(store, ledger: str, address: str, assets, pit: int | None) -> dict:
+    """Effective volumes per asset of an account as of `pit` (now when None)."""
+    start = effective_moment(pit, (1 << 64) - 1) if pit is not None else None
+    result = {}
+    for asset in assets:
+        for _moment, volumes in store.scan((EFFECTIVE, ledger, address, asset), start, reverse=True):
+            result[asset] = volumes
+            break
+    return result
 
 
 def register(app: faust.App, worker, requests_topic) -> None:
@@ -54,7 +80,7 @@ def register(app: faust.App, worker, requests_topic) -> None:
             transaction = store.get((TRANSACTION, ledger, int(id))) if id.isdigit() else None
             if transaction is None:
                 return not_found(self, "NOT_FOUND", f"transaction {id} not found")
-            return self.json({"data": render.transaction_json(transaction)})
+            return self.json({"data": render.transaction_json(transaction, _effective(store, ledger, transaction))})
 
     @app.page("/ledger/{ledger}/transactions")
     class TransactionsView(View):
@@ -69,13 +95,13 @@ def register(app: faust.App, worker, requests_topic) -> None:
             if start is not None and start[2] < 0:
                 return self.json({"data": [], "hasMore": False})
             rows = []
-            for _key, transaction in store.scan((TRANSACTION, ledger), start=start, reverse=True):
+            for _key, transaction in store.scan_keys((TRANSACTION, ledger), start=start, reverse=True):
                 rows.append(transaction)
                 if len(rows) > page_size:
                     break
             has_more = len(rows) > page_size
             return self.json({
-                "data": [render.transaction_json(t) for t in rows[:page_size]],
+                "data": [render.transaction_json(t, _effective(store, ledger, t)) for t in rows[:page_size]],
                 "hasMore": has_more,
             })
 
@@ -90,7 +116,7 @@ def register(app: faust.App, worker, requests_topic) -> None:
             after = request.query.get("after")
             start = (LOG, ledger, int(after) - 1) if after else None
             rows = []
-            for _key, entry in store.scan((LOG, ledger), start=start, reverse=True):
+            for _key, entry in store.scan_keys((LOG, ledger), start=start, reverse=True):
                 if entry.id == 0:
                     break  # the ledger's creation is not one of Formance's log entries
                 rows.append(entry)
@@ -111,10 +137,20 @@ def register(app: faust.App, worker, requests_topic) -> None:
             record = store.get((ACCOUNT, ledger, address))
             volumes = {}
             prefix_length = len(f"V\x00{ledger}\x00{address}\x00".encode())
-            for key, value in store.scan((VOLUMES, ledger, address)):
+            for key, value in store.scan_keys((VOLUMES, ledger, address)):
                 volumes[key[prefix_length:].decode()] = value
             assert record is None or isinstance(record, AccountRecord)
-            return self.json({"data": render.account_json(record, address, volumes)})
+            pit_text = request.query.get("pit")
+            pit = None
+            if pit_text:
+                try:
+                    pit = parse_rfc3339(pit_text)
+                except ValueError as error:
+                    return self.json({"errorCode": "VALIDATION", "errorMessage": str(error)}, status=400)
+            effective = None
+            if pit is not None or "effectiveVolumes" in request.query.get("expand", ""):
+                effective = _effective_at(store, ledger, address, volumes.keys(), pit)
+            return self.json({"data": render.account_json(record, address, volumes, effective)})
 
     @app.page("/metrics")
     class MetricsView(View):
@@ -130,7 +166,7 @@ def register_listing(app: faust.App, worker) -> None:
         async def get(self, request: Request) -> Response:
             rows = []
             for processor in list(worker.processors.values()):
-                for _key, info in processor.store.scan((LEDGER,)):
+                for _key, info in processor.store.scan_keys((LEDGER,)):
                     rows.append(render.ledger_json(info))
             rows.sort(key=lambda row: row["name"])
             return self.json({"data": rows})

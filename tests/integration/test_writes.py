@@ -108,3 +108,18 @@ def test_numscript_errors_are_400s_with_formance_codes(ledger):
     unknown_var = http("POST", f"{ledger}/transactions", {"script": {
         "plain": "vars { account $a }\nsend [USD 5] (source = @world destination = $a)"}})
     assert unknown_var.status == 400 and unknown_var.body["errorCode"] == "INTERPRETER_RUNTIME"
+
+
+def test_back_dated_transactions_change_effective_volumes_of_later_ones(ledger):
+    http("POST", f"{ledger}/transactions", tx("world", "a", 10, timestamp="2025-01-10T00:00:00Z"))
+    back = http("POST", f"{ledger}/transactions", tx("world", "a", 100, timestamp="2025-01-01T00:00:00Z"))
+    assert back.body["data"]["postCommitEffectiveVolumes"]["a"]["USD"]["input"] == 100
+    assert back.body["data"]["postCommitVolumes"]["a"]["USD"]["input"] == 110
+    first = http("GET", f"{ledger}/transactions/1").body["data"]
+    assert first["postCommitEffectiveVolumes"]["a"]["USD"] == {"input": 110, "output": 0, "balance": 110}
+    assert first["preCommitEffectiveVolumes"]["a"]["USD"] == {"input": 100, "output": 0, "balance": 100}
+    assert first["postCommitVolumes"]["a"]["USD"]["input"] == 10  # insertion order never changes
+    at_pit = http("GET", f"{ledger}/accounts/a?pit=2025-01-05T00:00:00Z").body["data"]
+    assert at_pit["effectiveVolumes"]["USD"] == {"input": 100, "output": 0, "balance": 100}
+    bad_pit = http("GET", f"{ledger}/accounts/a?pit=yesterday")
+    assert bad_pit.status == 400 and bad_pit.body["errorCode"] == "VALIDATION"
