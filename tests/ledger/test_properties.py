@@ -44,14 +44,32 @@ def test_balances_sum_to_zero_per_asset_and_only_world_goes_negative(batch):
     assert all(total == 0 for total in totals.values()), totals
 
 
-@settings(max_examples=40, deadline=None)
-@given(st.lists(st.tuples(transactions, st.booleans()), min_size=1, max_size=20))
+operations = st.one_of(
+    st.tuples(st.just("transfer"), transactions, st.booleans(), st.one_of(st.none(), st.integers(0, 20))),
+    st.tuples(st.just("revert"), st.integers(1, 10), st.booleans()),
+    st.tuples(st.just("metadata"), st.sampled_from(ACCOUNTS), st.dictionaries(st.sampled_from("xyz"), st.text(max_size=3), max_size=2)),
+)
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.lists(operations, min_size=1, max_size=20))
 def test_replaying_the_log_rebuilds_an_identical_store(batch):
     """Recovery projects log entries: a store rebuilt from the log alone equals the live one
-    (except request records of rejections, which come from the rejection topic)."""
+    (except request records of rejections, which come from the rejection topic) — with
+    reverts, metadata and back-dated transactions in the mix."""
+    from ledger.commands import RevertTransaction, SaveMetadata
+    from ledger.timeutil import format_rfc3339
+
     live = Ledger()
-    for tx_postings, force in batch:
-        live.transfer(*tx_postings, force=force)
+    for operation in batch:
+        if operation[0] == "transfer":
+            _, tx_postings, force, day = operation
+            extra = {} if day is None else {"timestamp": format_rfc3339(1_700_000_000_000_000 + day * 86_400_000_000)}
+            live.transfer(*tx_postings, force=force, **extra)
+        elif operation[0] == "revert":
+            live.run(RevertTransaction(operation[1], force=operation[2]))
+        else:
+            live.run(SaveMetadata("ACCOUNT", operation[1], operation[2]))
     rebuilt = MemoryStore()
     overlay = Overlay(rebuilt)
     entries = sorted(
