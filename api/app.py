@@ -155,17 +155,33 @@ def _respond(answer: Answer, body: object, status: int) -> web.Response:
 
 
 async def _forward(request: web.Request, path: str, params: dict | None = None) -> dict:
-    """GET a worker query view; the worker routes it to the ledger's owner."""
+    """GET a worker query view; the worker routes it to the ledger's owner.
+
+    `STREAMLEDGER_WORKER_URL` may list several workers (comma-separated): a worker that is
+    down, or a partition moving between workers (503), is retried on the next one for a
+    few seconds before the client gets a 503.
+    """
     settings = request.app[SETTINGS]
-    url = settings.worker_url.rstrip("/") + path
-    try:
-        async with request.app[HTTP].get(url, params=params or {}) as response:
-            body = await response.json(content_type=None)
-            if response.status >= 400:
-                raise ApiError(body.get("errorCode", "INTERNAL"), body.get("errorMessage", ""), status=response.status)
-            return body
-    except aiohttp.ClientError as error:
-        raise ApiError("UNAVAILABLE", f"no worker reachable at {settings.worker_url}: {error}", status=503) from None
+    urls = [url.strip().rstrip("/") for url in settings.worker_url.split(",") if url.strip()]
+    deadline = time.monotonic() + settings.query_retry_ms / 1000
+    last_error = "no worker configured"
+    while True:
+        for base in urls:
+            try:
+                async with request.app[HTTP].get(base + path, params=params or {}) as response:
+                    body = await response.json(content_type=None)
+                    if response.status in (502, 503, 504) or (response.status >= 500 and "errorCode" not in body):
+                        last_error = f"{base} answered {response.status}: {body}"
+                        continue
+                    if response.status >= 400:
+                        raise ApiError(body.get("errorCode", "INTERNAL"), body.get("errorMessage", ""),
+                                       status=response.status)
+                    return body
+            except (aiohttp.ClientError, asyncio.TimeoutError, ValueError) as error:
+                last_error = f"{base}: {error!r}"
+        if time.monotonic() >= deadline:
+            raise ApiError("UNAVAILABLE", f"no worker could answer ({last_error}); retry", status=503)
+        await asyncio.sleep(0.2)
 
 
 def _ledger_name(request: web.Request) -> str:
@@ -189,8 +205,23 @@ async def info(request: web.Request) -> web.Response:
 
 
 async def list_ledgers(request: web.Request) -> web.Response:
-    body = await _forward(request, "/ledgers")
-    return web.json_response({"cursor": {"pageSize": len(body["data"]), "hasMore": False, "data": body["data"]}})
+    """Every worker lists the ledgers of its own partitions: ask each one and merge."""
+    settings = request.app[SETTINGS]
+    rows: dict[str, dict] = {}
+    reached = 0
+    for base in [url.strip().rstrip("/") for url in settings.worker_url.split(",") if url.strip()]:
+        try:
+            async with request.app[HTTP].get(base + "/ledgers") as response:
+                if response.status == 200:
+                    reached += 1
+                    for row in (await response.json(content_type=None))["data"]:
+                        rows[row["name"]] = row
+        except (aiohttp.ClientError, asyncio.TimeoutError, ValueError):
+            continue
+    if not reached:
+        raise ApiError("UNAVAILABLE", "no worker reachable to list ledgers", status=503)
+    data = [rows[name] for name in sorted(rows)]
+    return web.json_response({"cursor": {"pageSize": len(data), "hasMore": False, "data": data}})
 
 
 async def create_ledger(request: web.Request) -> web.Response:

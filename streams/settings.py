@@ -26,7 +26,10 @@ class Settings:
     worker_advertised_host: str = field(default_factory=lambda: _env(
         "STREAMLEDGER_WORKER_ADVERTISED_HOST", _env("STREAMLEDGER_WORKER_HOST", "127.0.0.1")))
     worker_port: int = field(default_factory=lambda: int(_env("STREAMLEDGER_WORKER_PORT", "6066")))
+    # Comma-separated: the gateway tries each in turn (any worker forwards to the owner).
     worker_url: str = field(default_factory=lambda: _env("STREAMLEDGER_WORKER_URL", "http://127.0.0.1:6066"))
+    # Reads that find no worker able to answer (down, partition moving) retry this long.
+    query_retry_ms: int = field(default_factory=lambda: int(_env("STREAMLEDGER_QUERY_RETRY_MS", "5000")))
     gateway_host: str = field(default_factory=lambda: _env("STREAMLEDGER_GATEWAY_HOST", "127.0.0.1"))
     gateway_port: int = field(default_factory=lambda: int(_env("STREAMLEDGER_GATEWAY_PORT", "3068")))
     reply_timeout_ms: int = field(default_factory=lambda: int(_env("STREAMLEDGER_REPLY_TIMEOUT_MS", "10000")))

@@ -28,7 +28,7 @@ async def test_an_unanswered_request_is_a_504_with_a_clear_message(kafka_bootstr
 
 async def test_an_unreachable_worker_is_a_503_for_reads(kafka_bootstrap):
     settings = dataclasses.replace(Settings(), bootstrap_servers=kafka_bootstrap,
-                                   worker_url="http://127.0.0.1:9")
+                                   worker_url="http://127.0.0.1:9", query_retry_ms=300)
     async with TestClient(TestServer(create_app(settings))) as client:
         response = await client.get("/v2/warmup/accounts/a")
         assert response.status == 503
