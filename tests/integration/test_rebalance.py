@@ -80,8 +80,11 @@ def test_workers_joining_and_leaving_move_partitions_without_loss_or_duplication
         _send_round(stack, "one-worker")
 
         stack.start_worker("w2")  # joins: about half the partitions move to it
+        deadline = time.monotonic() + 90
+        while "ready: replayed" not in stack.log("w2"):
+            assert time.monotonic() < deadline, "the joining worker took no partition:\n" + stack.log("w2")
+            time.sleep(0.5)
         _send_round(stack, "two-workers")
-        assert "ready: replayed" in stack.log("w2"), "the joining worker took no partition"
 
         stack.workers["w1"].terminate()  # leaves gracefully: w2 takes everything
         stack.workers["w1"].wait(30)
