@@ -464,6 +464,7 @@ def main(argv: list[str] | None = None) -> int:
         kafka.start()
         bootstrap = kafka.bootstrap_servers
         ensure_topics(bootstrap, args.partitions)
+        _wait_for_leaders(bootstrap)
         say(f"chaos: Kafka at {bootstrap} (data {kafka.data_dir})")
         app_id = f"chaos-{args.seed}-{uuid.uuid4().hex[:6]}"
         processes = Processes(tmp, bootstrap, app_id, args.partitions)
@@ -622,6 +623,31 @@ def _progress(t0, producing: Producing, outcomes: Outcomes, stream: Stream, kill
         f"({producing.acked_records}/{producing.sent_records} records acked) · outcomes for "
         f"{len(outcomes.seen)}/{len(stream.distinct)} ids ({outcomes.records} records) · kills {kills} · "
         f"broker restarts {restarts}")
+
+
+def _wait_for_leaders(bootstrap: str, timeout: float = 60) -> None:
+    """Every partition of the ledger topics answers a watermark query: a deployment creates
+    its topics long before starting processes, and we do not test topic creation here."""
+    from confluent_kafka import Consumer, KafkaException, TopicPartition
+
+    consumer = Consumer({"bootstrap.servers": bootstrap, "group.id": "chaos-probe", "log_level": 2})
+    deadline = time.monotonic() + timeout
+    try:
+        metadata = consumer.list_topics(timeout=30)
+        waiting = [TopicPartition(name, p) for name, topic in metadata.topics.items()
+                   if name.startswith("ledger.") for p in topic.partitions]
+        while waiting and time.monotonic() < deadline:
+            still = []
+            for tp in waiting:
+                try:
+                    consumer.get_watermark_offsets(tp, timeout=5, cached=False)
+                except KafkaException:
+                    still.append(tp)
+            waiting = still
+            if waiting:
+                time.sleep(0.2)
+    finally:
+        consumer.close()
 
 
 def _wait_for_query_views(processes: Processes, ledger: str, timeout: float = 120) -> None:

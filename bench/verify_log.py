@@ -338,7 +338,6 @@ def check(committed: list[Rec], rejected: list[Rec], *, partitions: int,
             by_ledger[rec.value["ledger"]].append(rec)
     volumes: dict[tuple[str, str, str], list[int]] = defaultdict(lambda: [0, 0])  # (l, acct, asset) -> in, out
     accounts: dict[str, set[str]] = defaultdict(set)
-    log_position: dict[str, dict[str, int]] = {}  # ledger -> request id -> log id (first)
     entries = 0
     for ledger, recs in sorted(by_ledger.items()):
         created = [r for r in recs if r.value["type"] == "CREATED_LEDGER"]
@@ -347,7 +346,6 @@ def check(committed: list[Rec], rejected: list[Rec], *, partitions: int,
         if created and recs[0] is not created[0]:
             v.add("created_ledger_not_first", ledger=ledger, where=_where(created[0]))
         expected_id, previous_hash, previous_tx, previous_date = 1, None, None, None
-        positions: dict[str, int] = {}
         seen_refs: dict[str, int] = {}
         for rec in recs:
             entry = rec.value
@@ -361,7 +359,6 @@ def check(committed: list[Rec], rejected: list[Rec], *, partitions: int,
                 kind = "log_id_gap" if log_id > expected_id else "log_id_repeated_or_backwards"
                 v.add(kind, ledger=ledger, expected=expected_id, got=log_id, where=_where(rec))
             expected_id = log_id + 1
-            positions.setdefault(entry["request_id"], log_id)
             # the hash chain, from the previous entry's stored hash
             line = entry_line(entry["type"], entry["data"], rfc3339_micros(entry["date"]), entry["idempotency_key"])
             computed = chain_hash(previous_hash, line)
@@ -398,7 +395,6 @@ def check(committed: list[Rec], rejected: list[Rec], *, partitions: int,
                     if account != WORLD and i - o < 0:
                         v.add("negative_balance_in_log", ledger=ledger, id=log_id, account=account, asset=asset,
                               balance=i - o)
-        log_position[ledger] = positions
     stats["ledgers"] = len(by_ledger)
     stats["log_entries"] = entries
 
