@@ -482,6 +482,7 @@ def main(argv: list[str] | None = None) -> int:
         producing.flush(60)
         deadline = time.monotonic() + 180
         while not stream.distinct <= outcomes.seen:
+            _watch(processes, set(), incidents, t_start)
             if time.monotonic() > deadline:
                 raise RuntimeError("the ledgers were not created within 180 s:\n" + processes.tail("w1") + "\n"
                                    + processes.tail("w2"))
@@ -610,6 +611,8 @@ def _watch(processes: Processes, expected_dead: set[str], incidents: list, t0: f
             incidents.append({"kind": "worker_exited", "worker": name, "exit_code": code,
                               "t": round(time.monotonic() - t0, 1), "log_tail": processes.tail(name, 25)[-3000:]})
             say(f"[{time.monotonic() - t0:6.1f}s] {name} EXITED on its own (code {code}); restarting it")
+            if sum(1 for i in incidents if i["kind"] == "worker_exited" and i["worker"] == name) >= 5:
+                raise RuntimeError(f"{name} keeps exiting on its own:\n" + processes.tail(name, 40))
             processes.start_worker(name)
     if processes.gateway is not None and processes.gateway.poll() is not None:
         incidents.append({"kind": "gateway_exited", "exit_code": processes.gateway.returncode,
