@@ -131,6 +131,17 @@ class RequestsClient:
     # -- receiving -------------------------------------------------------------------
 
     def _consume(self) -> None:
+        """Run the reply consumer until stopped, restarting it after any failure from the
+        positions it had reached (a topic still electing leaders, a broker restart…)."""
+        positions: dict[tuple[str, int], int] = {}
+        while not self._stop.is_set():
+            try:
+                self._consume_until_stopped(positions)
+            except Exception:  # noqa: BLE001 — logged, then the consumer starts over
+                log.warning("reply consumer failed; restarting it", exc_info=True)
+                self._stop.wait(1.0)
+
+    def _consume_until_stopped(self, positions: dict[tuple[str, int], int]) -> None:
         consumer = Consumer({
             "bootstrap.servers": self.settings.bootstrap_servers,
             "group.id": f"{self.settings.app_id}-gateway-{uuid.uuid4().hex}",
@@ -145,23 +156,24 @@ class RequestsClient:
             for topic in (COMMITTED, REJECTED, REPLIES):
                 partitions = metadata.topics.get(topic)
                 if partitions is None or partitions.error is not None:
-                    log.error("topic %s is missing; run `streamledger topics create`", topic)
-                    return
+                    raise RuntimeError(f"topic {topic} is missing; run `streamledger topics create`")
                 for partition in partitions.partitions:
                     # Start at the concrete end offset: outcomes of requests produced
                     # before this gateway started are not ours to wait for.
-                    _low, high = consumer.get_watermark_offsets(TopicPartition(topic, partition), timeout=30)
-                    assignment.append(TopicPartition(topic, partition, high))
+                    start = positions.get((topic, partition))
+                    if start is None:
+                        _low, start = consumer.get_watermark_offsets(TopicPartition(topic, partition), timeout=30)
+                        positions[(topic, partition)] = start
+                    assignment.append(TopicPartition(topic, partition, start))
             consumer.assign(assignment)
             self._ready.set()
             while not self._stop.is_set():
                 for message in consumer.consume(1000, timeout=0.1):
                     if message.error() is None:
+                        positions[(message.topic(), message.partition())] = message.offset() + 1
                         self._dispatch(message)
                     elif message.error().code() != KafkaError._PARTITION_EOF:
                         log.warning("reply consumer: %s", message.error())
-        except Exception:  # noqa: BLE001
-            log.exception("reply consumer stopped")
         finally:
             consumer.close()
 

@@ -15,10 +15,9 @@ import click
 
 
 def _logging(level: str) -> None:
-    logging.basicConfig(
-        level=level.upper(),
-        format="%(asctime)s %(levelname)s %(name)s %(message)s",
-    )
+    from streams.logs import configure
+
+    configure(level)
 
 
 @click.command()
@@ -34,6 +33,9 @@ def worker() -> None:
     settings = Settings()
     ensure_topics(settings.bootstrap_servers, settings.partitions)
     app = create_app(settings)
+    from streams.logs import configure_ours
+
+    configure_ours(settings.log_level)  # faust configures the root logger itself
     FaustWorker(app, loglevel=settings.log_level.upper(), quiet=True).execute_from_commandline()
 
 

@@ -18,3 +18,10 @@ recovered_records = Gauge(
 batch_retries = Counter(
     "streamledger_batch_retries_total", "Batches retried after a transient Kafka failure"
 )
+consumer_lag = Gauge(
+    "streamledger_consumer_lag", "Records of ledger.requests not yet applied", ["partition"]
+)
+recovery_replayed = Gauge(
+    "streamledger_recovery_replayed_records", "Records replayed so far by the running recovery", ["partition"]
+)
+recovering = Gauge("streamledger_recovering", "1 while a partition is catching up from the log", ["partition"])

@@ -19,7 +19,7 @@ from ledger.errors import LedgerError, ValidationError
 from ledger.machine import Committed, Rejected, Replayed, execute, project_entry, project_rejection
 from ledger.model import LogEntry
 from ledger.state import HEAD, LOG, Head, Overlay
-from streams import codecs
+from streams import codecs, metrics
 from streams.settings import Settings
 from streams.store import PartitionStore, rocksdb_options
 from streams.topics import COMMITTED, REJECTED, REPLIES, REQUESTS, partition_for, producer_config
@@ -70,9 +70,11 @@ class PartitionProcessor:
         self._producer = self._new_producer()
         started = time.monotonic()
         self.recovered_entries = self.recover()
+        seconds = time.monotonic() - started
         log.info(
             "partition %d ready: replayed %d log records in %.2fs",
-            self.partition, self.recovered_entries, time.monotonic() - started,
+            self.partition, self.recovered_entries, seconds,
+            extra={"partition": self.partition, "replayed": self.recovered_entries, "seconds": round(seconds, 3)},
         )
 
     def close(self) -> None:
@@ -98,8 +100,13 @@ class PartitionProcessor:
 
     def recover(self) -> int:
         replayed = 0
-        for topic in (COMMITTED, REJECTED):
-            replayed += self._catch_up(topic)
+        label = str(self.partition)
+        metrics.recovering.labels(label).set(1)
+        try:
+            for topic in (COMMITTED, REJECTED):
+                replayed += self._catch_up(topic)
+        finally:
+            metrics.recovering.labels(label).set(0)
         return replayed
 
     def _catch_up(self, topic: str) -> int:
@@ -133,8 +140,11 @@ class PartitionProcessor:
                     self._replay_record(overlay, topic, message.value())
                     position = message.offset() + 1
                     count += 1
+                if messages:
+                    metrics.recovery_replayed.labels(str(self.partition)).set(count)
                 if count and (count % 100_000 < len(messages)):
-                    log.info("partition %d: replayed %d records of %s", self.partition, count, topic)
+                    log.info("partition %d: replayed %d records of %s", self.partition, count, topic,
+                             extra={"partition": self.partition, "replayed": count, "topic": topic})
                 if done:
                     break
             self.store.commit(overlay.writes(), {topic: max(position, start)})

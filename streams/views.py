@@ -17,6 +17,7 @@ from ledger import render
 from ledger.state import ACCOUNT, EFFECTIVE, LEDGER, LOG, TRANSACTION, VOLUMES, AccountRecord, effective_moment
 from ledger.timeutil import parse_rfc3339
 from streams.codecs import log_entry_json
+from streams.fastjson import dumps_json
 from streams.topics import partition_for
 
 
@@ -45,6 +46,12 @@ def _effective_at(store, ledger: str, address: str, assets, pit: int | None) -> 
     return result
 
 
+def _json(view: View, body: dict, status: int = 200) -> Response:
+    # Not view.json(): faust encodes with orjson when it is installed, and orjson refuses
+    # integers beyond 64 bits — amounts are arbitrary-precision.
+    return view.bytes(dumps_json(body), content_type="application/json", status=status)
+
+
 def register(app: faust.App, worker, requests_topic) -> None:
     settings = app.streamledger_settings  # type: ignore[attr-defined]
 
@@ -58,7 +65,7 @@ def register(app: faust.App, worker, requests_topic) -> None:
         return store
 
     def not_found(view: View, code: str, message: str) -> Response:
-        return view.json({"errorCode": code, "errorMessage": message}, status=404)
+        return _json(view, {"errorCode": code, "errorMessage": message}, status=404)
 
     @app.page("/ledger/{ledger}")
     class LedgerView(View):
@@ -68,7 +75,7 @@ def register(app: faust.App, worker, requests_topic) -> None:
             info = store.get((LEDGER, ledger))
             if info is None:
                 return not_found(self, "LEDGER_NOT_FOUND", f"ledger '{ledger}' not found")
-            return self.json({"data": render.ledger_json(info)})
+            return _json(self, {"data": render.ledger_json(info)})
 
     @app.page("/ledger/{ledger}/transactions/{id}")
     class TransactionView(View):
@@ -80,7 +87,7 @@ def register(app: faust.App, worker, requests_topic) -> None:
             transaction = store.get((TRANSACTION, ledger, int(id))) if id.isdigit() else None
             if transaction is None:
                 return not_found(self, "NOT_FOUND", f"transaction {id} not found")
-            return self.json({"data": render.transaction_json(transaction, _effective(store, ledger, transaction))})
+            return _json(self, {"data": render.transaction_json(transaction, _effective(store, ledger, transaction))})
 
     @app.page("/ledger/{ledger}/transactions")
     class TransactionsView(View):
@@ -93,14 +100,14 @@ def register(app: faust.App, worker, requests_topic) -> None:
             after = request.query.get("after")  # ids strictly below this (descending order)
             start = (TRANSACTION, ledger, int(after) - 1) if after else None
             if start is not None and start[2] < 0:
-                return self.json({"data": [], "hasMore": False})
+                return _json(self, {"data": [], "hasMore": False})
             rows = []
             for _key, transaction in store.scan_keys((TRANSACTION, ledger), start=start, reverse=True):
                 rows.append(transaction)
                 if len(rows) > page_size:
                     break
             has_more = len(rows) > page_size
-            return self.json({
+            return _json(self, {
                 "data": [render.transaction_json(t, _effective(store, ledger, t)) for t in rows[:page_size]],
                 "hasMore": has_more,
             })
@@ -122,7 +129,7 @@ def register(app: faust.App, worker, requests_topic) -> None:
                 rows.append(entry)
                 if len(rows) > page_size:
                     break
-            return self.json({
+            return _json(self, {
                 "data": [log_entry_json(entry) for entry in rows[:page_size]],
                 "hasMore": len(rows) > page_size,
             })
@@ -146,11 +153,11 @@ def register(app: faust.App, worker, requests_topic) -> None:
                 try:
                     pit = parse_rfc3339(pit_text)
                 except ValueError as error:
-                    return self.json({"errorCode": "VALIDATION", "errorMessage": str(error)}, status=400)
+                    return _json(self, {"errorCode": "VALIDATION", "errorMessage": str(error)}, status=400)
             effective = None
             if pit is not None or "effectiveVolumes" in request.query.get("expand", ""):
                 effective = _effective_at(store, ledger, address, volumes.keys(), pit)
-            return self.json({"data": render.account_json(record, address, volumes, effective)})
+            return _json(self, {"data": render.account_json(record, address, volumes, effective)})
 
     @app.page("/metrics")
     class MetricsView(View):
@@ -169,4 +176,4 @@ def register_listing(app: faust.App, worker) -> None:
                 for _key, info in processor.store.scan_keys((LEDGER,)):
                     rows.append(render.ledger_json(info))
             rows.sort(key=lambda row: row["name"])
-            return self.json({"data": rows})
+            return _json(self, {"data": rows})

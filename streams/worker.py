@@ -204,6 +204,10 @@ def create_app(settings: Settings | None = None) -> faust.App:
                 await asyncio.gather(*(
                     worker.process(partition, payloads) for partition, payloads in by_partition.items()
                 ))
+                for partition, payloads in by_partition.items():
+                    highwater = app.consumer.highwater(TP(REQUESTS, partition))
+                    if highwater is not None:
+                        metrics.consumer_lag.labels(str(partition)).set(max(0, highwater - payloads[-1][0] - 1))
             except Exception:
                 # A bug or a store failure, never an operating error (those are outcomes
                 # or retried). Crash now, before faust commits these requests' offsets:

@@ -109,3 +109,16 @@ def test_big_amounts_are_exact_end_to_end(stack, ledger):
     created = http("POST", f"{stack.url}/v2/{ledger}/transactions", tx("world", "whale", amount))
     assert created.status == 200
     assert http("GET", f"{stack.url}/v2/{ledger}/accounts/whale").body["data"]["balances"] == {"USD/2": amount}
+
+
+def test_worker_exposes_prometheus_metrics(stack, ledger):
+    http("POST", f"{stack.url}/v2/{ledger}/transactions", tx("world", "m", 1))
+    import urllib.request
+
+    with urllib.request.urlopen(stack.env["STREAMLEDGER_WORKER_URL"] + "/metrics", timeout=10) as response:
+        text = response.read().decode()
+    # Two requests applied on this ledger: its creation and the transfer.
+    assert f'streamledger_applied_total{{ledger="{ledger}"}} 2.0' in text
+    for name in ("streamledger_batch_seconds", "streamledger_consumer_lag", "streamledger_recovered_records",
+                 "streamledger_batch_requests"):
+        assert name in text, name
