@@ -108,7 +108,11 @@ Outcome = Committed | Rejected | Replayed
 def execute(
     state: Overlay, request: Request, now: int, numscript_flags: frozenset[str] = frozenset()
 ) -> Outcome:
-    """Apply one request. Writes go to a child overlay merged into `state` on success.
+    """Apply one request, writing its effects into `state`.
+
+    Every check that can refuse a request runs before the first write (deciders raise,
+    then `project_entry` writes), so a rejection leaves `state` untouched without a
+    per-request overlay. A dry run writes into a throwaway overlay instead.
 
     `numscript_flags` are the experimental Numscript features the server enables for
     every script (a script may also enable them itself with `#![feature("…")]`).
@@ -116,13 +120,15 @@ def execute(
     previous = state.get((REQUEST, request.request_id))
     if previous is not None:
         return Replayed(request.request_id, request.ledger, previous, idempotency_hit=False)
-    scratch = Overlay(state)
+    target = Overlay(state) if request.dry_run else state
+    writes_before = target.write_count()
     try:
-        replay = _check_idempotency(scratch, request)
+        replay = _check_idempotency(target, request)
         if replay is not None:
             return replay
-        entry = _decide(scratch, request, now, numscript_flags)
+        entry = _decide(target, request, now, numscript_flags)
     except LedgerError as error:
+        assert target.write_count() == writes_before, "a request was refused after it wrote"
         rejection = Rejected(
             request.request_id, request.ledger, error.code, error.message,
             _jsonable(error.details), now, request.dry_run,
@@ -130,8 +136,6 @@ def execute(
         if not request.dry_run:
             project_rejection(state, rejection)
         return rejection
-    if not request.dry_run:
-        scratch.merge_into(state)
     return Committed(request.request_id, entry, request.dry_run)
 
 

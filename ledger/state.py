@@ -161,6 +161,9 @@ class Overlay:
         """Write `value`, or delete the key when `value` is None."""
         self._writes[key] = value
 
+    def write_count(self) -> int:
+        return len(self._writes)
+
     def writes(self) -> list[tuple[tuple, object | None]]:
         return list(self._writes.items())
 
