@@ -564,6 +564,7 @@ def main(argv: list[str] | None = None) -> int:
             "failed_deliveries_resent": producing.resent_records, "produce_s": round(produce_s, 1),
             "outcome_wait_s": round(waited, 1), "kills": kill_log,
             "worker_log_tracebacks": _count_in_logs(tmp, "Traceback"),
+            "recoveries_replaying_log": _recoveries(tmp),
         })
         verdict = {"ok": verdict["ok"], "requests": producing.sent_requests,
                    "distinct_request_ids": len(stream.distinct), "kills": kills,
@@ -664,6 +665,19 @@ def _wait_for_query_views(processes: Processes, ledger: str, timeout: float = 12
         except OSError:
             pass
         time.sleep(0.5)
+
+
+def _recoveries(tmp: Path) -> dict:
+    """How often a worker found its store behind the log on assignment (it replayed
+    records): evidence that the kills landed between a Kafka commit and a store write, or
+    that partitions moved to the other worker."""
+    import re
+
+    pattern = re.compile(r"partition \d+ ready: replayed (\d+) log records")
+    counts = [int(n) for name in ("w1", "w2") if (tmp / f"{name}.log").exists()
+              for n in pattern.findall((tmp / f"{name}.log").read_text(errors="replace"))]
+    return {"assignments": len(counts), "with_replay": sum(1 for n in counts if n),
+            "records_replayed": sum(counts)}
 
 
 def _count_in_logs(tmp: Path, needle: str) -> dict[str, int]:

@@ -282,11 +282,17 @@ class PartitionProcessor:
         try:
             producer.begin_transaction()
             for topic, ledger, value, request_id in emissions:
-                producer.produce(
-                    topic, value, ledger.encode(), partition=self.partition,
-                    on_delivery=delivered, headers=[("request_id", request_id.encode())],
-                )
-                producer.poll(0)
+                try:
+                    producer.produce(
+                        topic, value, ledger.encode(), partition=self.partition,
+                        on_delivery=delivered, headers=[("request_id", request_id.encode())],
+                    )
+                except BufferError:  # the local queue is full: let deliveries drain, retry
+                    producer.poll(0.1)
+                    producer.produce(
+                        topic, value, ledger.encode(), partition=self.partition,
+                        on_delivery=delivered, headers=[("request_id", request_id.encode())],
+                    )
             producer.flush(60)
             producer.commit_transaction(60)
         except KafkaException as exception:

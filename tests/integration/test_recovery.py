@@ -170,8 +170,10 @@ class Topics:
         self.consumer.assign([TopicPartition(t, p, 0) for t in (COMMITTED, REJECTED, REPLIES) for p in range(P)])
         self.records: dict[str, list[tuple[int, int, str, bytes]]] = defaultdict(list)  # topic -> [(p, off, rid, value)]
 
-    def poll(self) -> None:
-        while True:
+    def poll(self, seconds: float = 2.0) -> None:
+        """Read what is there, for at most about `seconds` (outcomes may keep coming)."""
+        deadline = time.monotonic() + seconds
+        while time.monotonic() < deadline:
             messages = self.consumer.consume(5000, timeout=0.2)
             if not messages:
                 return
