@@ -239,10 +239,22 @@ class _ScriptStore:
         self.ledger = ledger
 
     def get_balances(self, query: dict[str, set[str]]) -> dict[str, dict[str, int]]:
-        return {
-            account: {asset: _volumes(self.state, self.ledger, account, asset).balance for asset in assets}
-            for account, assets in query.items()
-        }
+        answer: dict[str, dict[str, int]] = {}
+        for account, assets in query.items():
+            row = answer.setdefault(account, {})
+            for asset in assets:
+                if asset.endswith("/*"):  # every scale of an asset (experimental-asset-scaling)
+                    row.update(self._scales(account, asset[:-2]))
+                else:
+                    row[asset] = _volumes(self.state, self.ledger, account, asset).balance
+        return answer
+
+    def _scales(self, account: str, base: str) -> dict[str, int]:
+        held = {}
+        for asset, volumes in self.state.scan((VOLUMES, self.ledger, account)):
+            if asset == base or asset.startswith(base + "/"):
+                held[asset] = volumes.balance  # type: ignore[union-attr]
+        return held
 
     def get_account_metadata(self, account: str) -> dict[str, str]:
         record = self.state.get((ACCOUNT, self.ledger, account))

@@ -100,7 +100,8 @@ class Reader(Protocol):
 
     def scan(self, prefix: tuple, start: bytes | None = None, reverse: bool = False) -> Iterator[tuple[bytes, object]]:
         """(last key segment, value) of the keys `prefix + (segment,)` in byte order of the
-        segment, from `start` (inclusive) forwards, or backwards from it with `reverse`."""
+        segment, from `start` (inclusive) forwards, or backwards from it with `reverse`.
+        Segments come back in their own type: text (e.g. assets) or bytes (moments)."""
         ...
 
 
@@ -116,8 +117,8 @@ class MemoryStore:
     def scan(self, prefix: tuple, start: bytes | None = None, reverse: bool = False):
         n = len(prefix)
         rows = sorted(
-            (key[n], value) for key, value in self.data.items()
-            if len(key) == n + 1 and key[:n] == prefix and isinstance(key[n], bytes)
+            ((key[n], value) for key, value in self.data.items() if len(key) == n + 1 and key[:n] == prefix),
+            key=lambda row: _sort_key(row[0]),
         )
         return iter(_window(rows, start, reverse))
 
@@ -155,7 +156,7 @@ class Overlay:
                     rows.pop(key[n], None)
                 else:
                     rows[key[n]] = value
-        return iter(_window(sorted(rows.items()), start, reverse))
+        return iter(_window(sorted(rows.items(), key=lambda row: _sort_key(row[0])), start, reverse))
 
     def put(self, key: tuple, value: object | None) -> None:
         """Write `value`, or delete the key when `value` is None."""
@@ -173,9 +174,15 @@ class Overlay:
         parent._writes.update(self._writes)
 
 
-def _window(rows: list, start: bytes | None, reverse: bool) -> list:
+def _sort_key(segment: object) -> bytes:
+    """Segments sort as the store's byte layout does: text as UTF-8, moments as bytes."""
+    return segment.encode() if isinstance(segment, str) else segment  # type: ignore[return-value]
+
+
+def _window(rows: list, start: bytes | str | None, reverse: bool) -> list:
+    if start is None:
+        return rows[::-1] if reverse else rows
+    bound = _sort_key(start)
     if reverse:
-        rows = [row for row in rows if start is None or row[0] <= start]
-        rows.reverse()
-        return rows
-    return [row for row in rows if start is None or row[0] >= start]
+        return [row for row in reversed(rows) if _sort_key(row[0]) <= bound]
+    return [row for row in rows if _sort_key(row[0]) >= bound]

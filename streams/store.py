@@ -201,9 +201,10 @@ class PartitionStore:
         """The core's `Reader.scan`: (last key segment, value) under `prefix`."""
         raw_prefix = encode_key(prefix) + _SEP
         skip = len(raw_prefix)
-        raw_start = None if start is None else raw_prefix + start
+        raw_start = None if start is None else raw_prefix + (start.encode() if isinstance(start, str) else start)
+        text = prefix[0] != EFFECTIVE  # moments are bytes; every other last segment is text
         for key, value in self._scan_raw(prefix[0], raw_prefix, raw_start, reverse):
-            yield key[skip:], value
+            yield (key[skip:].decode() if text else key[skip:]), value
 
     def scan_keys(self, prefix: tuple, *, start: tuple | None = None, reverse: bool = False):
         """Yield (key bytes, decoded value) for every key under `prefix`, in key order."""

@@ -239,3 +239,17 @@ def test_lone_surrogates_are_refused_at_the_edge(where):
         body = {"script": {"plain": "send [USD 1] (source = @world destination = @a)", "vars": {"x": "\ud800"}}}
     with pytest.raises(ValidationError):
         create_transaction_from_json(body)
+
+
+def test_asset_scaling_reads_every_scale_the_account_holds():
+    """`with scaling through` asks the ledger for every scale of an asset (`EUR/*`)."""
+    ledger = Ledger()
+    ledger.transfer(posting("world", "alice", 4, "EUR/2"), posting("world", "alice", 1, "EUR"))
+    script = ('#![feature("experimental-asset-scaling")]\n'
+              "send [EUR/2 104] (source = @alice with scaling through @swap destination = @bob)")
+    outcome = ledger.run(create_transaction_from_json(_script(script)))
+    assert isinstance(outcome, Committed), outcome
+    assert ledger.balance("bob", "EUR/2") == 104
+    assert ledger.balance("alice", "EUR") == 0 and ledger.balance("alice", "EUR/2") == 0
+    too_much = ledger.run(create_transaction_from_json(_script(script)))
+    assert isinstance(too_much, Rejected) and too_much.details["available"] == 0
