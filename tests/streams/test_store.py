@@ -83,3 +83,10 @@ def test_back_dated_moves_scan_rocksdb_like_memory(store):
     assert len(expected) == 2 * len(history)
     for key, value in expected.items():
         assert store.get(key) == value, key
+
+
+def test_scan_returns_text_segments_for_assets_and_bytes_for_moments(store):
+    store.commit([((VOLUMES, "main", "a", "EUR"), Volumes(1, 0)), ((VOLUMES, "main", "a", "EUR/2"), Volumes(2, 0)),
+                  ((VOLUMES, "main", "ab", "EUR"), Volumes(3, 0))], {})
+    assert list(store.scan((VOLUMES, "main", "a"))) == [("EUR", Volumes(1, 0)), ("EUR/2", Volumes(2, 0))]
+    assert list(store.scan((VOLUMES, "main", "a"), "EUR/2", reverse=True))[0][0] == "EUR/2"
