@@ -5,7 +5,9 @@
       included.
 (ii)  After a `kill -9` (under load) and a restart on the same data dir, each partition
       replays exactly the records after the positions its store recorded (not the whole
-      log), and the ledgers carry on with the next ids: no gap, no duplicate.
+      log); the same for a store put back to the copy taken at the kill while the log went
+      on (a store behind by several batches, deterministically). The ledgers then carry on
+      with the next ids: no gap, no duplicate.
 (iii) Request ids redelivered after that restart are answered with their original outcome
       (on ledger.replies) and are not applied a second time.
 
@@ -402,11 +404,22 @@ def test_a_store_rebuilt_from_the_log_alone_is_identical(broker, new_worker, top
 # ------------------------------------------------------------------------------ (ii) (iii)
 
 
-@pytest.fixture
-def restarted(broker, new_worker, topics):
-    """A worker killed with -9 while requests stream in, then restarted on its data dir."""
+@pytest.fixture(scope="module")
+def restarted(broker, tmp_path_factory):
+    """A worker killed with -9 while requests stream in, then restarted on its data dir.
+    (Module scope: (ii) and (iii) look at the same restart.)"""
     rng = random.Random(5)
-    worker = new_worker("restart")
+    tmp = tmp_path_factory.mktemp("restart")
+    worker = Worker(broker, tmp / "data", tmp, f"recovery-restart-{uuid.uuid4().hex[:6]}")
+    topics = Topics(broker)
+    try:
+        yield from _restarted(broker, worker, topics, rng)
+    finally:
+        worker.stop()
+        topics.close()
+
+
+def _restarted(broker: str, worker: Worker, topics: Topics, rng: random.Random):
     worker.start()
     ledgers = ledger_names("restart-", 4)
     users = [f"users:{i}" for i in range(20)]
@@ -449,33 +462,60 @@ def restarted(broker, new_worker, topics):
         stop.set()
         thread.join()
 
-    # What each store reflects, and what the log holds beyond it.
-    behind: dict[int, int] = {}
+    # (a) The restart after the kill: the store as the kill left it.
+    crash_copy = worker.data_dir.parent / "data-at-kill"
+    shutil.copytree(worker.data_dir, crash_copy)
+    behind = lagging(broker, worker)
+    topics.poll()
+    log_records = Counter(p for t in (COMMITTED, REJECTED) for p, _, _, _ in topics.records[t])
+    worker.start()
+    restarts = [("kill -9", worker.wait_ready(), behind, log_records)]
+    topics.wait({r.request_id for r in streamed}, worker=worker)  # what the kill interrupted
+
+    # (b) A store further behind the log than a kill leaves it (as if the store writes of
+    # many batches were lost after their Kafka commits): the copy taken at the kill, while
+    # the log went on. Each partition replays what the log holds after its positions.
+    more = [tx(ledger, ("world", "users:more", 1)) for ledger in ledgers for _ in range(5)]
+    send(broker, more, per_record=2)
+    topics.wait({r.request_id for r in more}, worker=worker)
+    worker.stop()
+    shutil.rmtree(worker.data_dir)
+    crash_copy.rename(worker.data_dir)
+    behind = lagging(broker, worker)
+    topics.poll()
+    log_records = Counter(p for t in (COMMITTED, REJECTED) for p, _, _, _ in topics.records[t])
+    worker.start()
+    restarts.append(("stale store", worker.wait_ready(), behind, log_records))
+    for name, replayed, behind, _ in restarts:
+        print(f"{name}: replayed per partition {dict(sorted(replayed.items()))}, behind {dict(sorted(behind.items()))}")
+    yield dict(worker=worker, topics=topics, ledgers=ledgers, before=before, streamed=streamed,
+               restarts=restarts)
+
+
+def lagging(broker: str, worker: Worker) -> dict[int, int]:
+    """partition -> records on ledger.committed + ledger.rejected after its store's positions
+    (the worker stopped)."""
+    behind = {}
     for partition, path in store_paths(worker).items():
         store_positions = positions(read_store(path))
         behind[partition] = sum(
             records_from(broker, topic, partition, store_positions.get(topic, 0)) for topic in (COMMITTED, REJECTED)
         )
-    topics.poll()
-    log_records = Counter(p for t in (COMMITTED, REJECTED) for p, _, _, _ in topics.records[t])
-
-    worker.start()
-    replayed = worker.wait_ready()
-    topics.wait({r.request_id for r in streamed}, worker=worker)  # what the kill interrupted
-    yield dict(worker=worker, ledgers=ledgers, before=before, streamed=streamed,
-               behind=behind, replayed=replayed, log_records=log_records)
+    return behind
 
 
-def test_a_restart_replays_only_what_the_store_lacks_and_continues_the_ids(broker, restarted, topics):
-    worker, ledgers = restarted["worker"], restarted["ledgers"]
-    replayed, behind, log_records = restarted["replayed"], restarted["behind"], restarted["log_records"]
-    # Each partition replayed exactly the records after its store's positions...
-    assert replayed == {p: behind.get(p, 0) for p in range(P)}, (replayed, behind)
-    # ... which is not the whole log: at most the batches in flight at the kill.
-    for partition, count in replayed.items():
-        if log_records[partition]:
-            assert count < log_records[partition], (partition, count, log_records[partition])
-    assert sum(replayed.values()) < sum(log_records.values()) / 4
+def test_a_restart_replays_only_what_the_store_lacks_and_continues_the_ids(broker, restarted):
+    worker, ledgers, topics = restarted["worker"], restarted["ledgers"], restarted["topics"]
+    for name, replayed, behind, log_records in restarted["restarts"]:
+        # Each partition replayed exactly the records after its store's positions...
+        assert replayed == {p: behind.get(p, 0) for p in range(P)}, (name, replayed, behind)
+        # ... which is not the whole log.
+        for partition, count in replayed.items():
+            if log_records[partition]:
+                assert count < log_records[partition], (name, partition, count, log_records[partition])
+        assert sum(replayed.values()) < sum(log_records.values()) / 2, name
+    stale = restarted["restarts"][1]
+    assert sum(stale[1].values()) >= 5 * len(ledgers), stale  # (b) did replay something
 
     last = {ledger: log[-1].id for ledger, log in topics.entries().items() if ledger in ledgers}
     after = [tx(ledger, ("world", "users:new", 1)) for ledger in ledgers for _ in range(3)]
@@ -488,8 +528,8 @@ def test_a_restart_replays_only_what_the_store_lacks_and_continues_the_ids(broke
     assert_log_is_exact({ledger: entries[ledger] for ledger in ledgers}, topics)
 
 
-def test_requests_redelivered_after_a_restart_get_their_original_outcome(broker, restarted, topics):
-    worker = restarted["worker"]
+def test_requests_redelivered_after_a_restart_get_their_original_outcome(broker, restarted):
+    worker, topics = restarted["worker"], restarted["topics"]
     before = restarted["before"]
     committed_ids, rejected_ids = set(topics.ids(COMMITTED)), set(topics.ids(REJECTED))
     again = [r for r in before if r.request_id in committed_ids][-5:] + \
