@@ -26,44 +26,52 @@ from streams.topics import REQUESTS
 log = logging.getLogger("streamledger.worker")
 
 
+class NotOwned(Exception):
+    """The consumer group does not (or no longer) assign this partition to this worker."""
+
+
 class Worker:
-    """The processors of the partitions this worker owns, and the loop that feeds them."""
+    """The processors of the partitions this worker owns, and the loop that feeds them.
+
+    Everything that opens, uses or closes a partition's processor holds that partition's
+    lock: an open (fence + recovery) cannot interleave with a release on revocation, and a
+    batch never runs on a processor being closed.
+    """
 
     def __init__(self, settings: Settings, owns=lambda partition: True) -> None:
         self.settings = settings
         self.owns = owns  # does the consumer group still assign us this partition?
         self.processors: dict[int, PartitionProcessor] = {}
-        self._ready: dict[int, asyncio.Future] = {}
         self._locks: dict[int, asyncio.Lock] = {}
         # One thread per partition at most; RocksDB and librdkafka release the GIL.
         self.executor = ThreadPoolExecutor(max_workers=8, thread_name_prefix="partition")
 
     async def processor(self, partition: int) -> PartitionProcessor:
         """The partition's processor, opened (fenced and recovered) on first use."""
-        future = self._ready.get(partition)
-        if future is None:
-            future = asyncio.get_running_loop().create_future()
-            self._ready[partition] = future
-            try:
-                processor = await self._run(self._open, partition)
-            except BaseException as error:
-                del self._ready[partition]
-                future.set_exception(error)
-                future.exception()  # retrieved: the caller sees the raise below
-                raise
-            future.set_result(processor)
-        return await asyncio.shield(future)
+        processor = self.processors.get(partition)
+        if processor is not None:
+            return processor
+        async with self._lock(partition):
+            return await self._processor_locked(partition)
+
+    async def _processor_locked(self, partition: int) -> PartitionProcessor:
+        processor = self.processors.get(partition)
+        if processor is not None:
+            return processor
+        # Opening initialises the partition's transactional producer, which fences the
+        # current owner: only ever do it for a partition the group gave us.
+        if not self.owns(partition):
+            raise NotOwned(f"partition {partition} is not assigned to this worker")
+        processor = await self._run(self._open, partition)
+        self.processors[partition] = processor
+        return processor
 
     async def store_for_query(self, partition: int):
-        """The partition's store for a read, or None when this worker does not own it.
-
-        A query never opens a partition this worker was not assigned: opening initialises
-        the partition's transactional producer, which would fence the real owner.
-        """
-        if partition not in self._ready and not self.owns(partition):
+        """The partition's store for a read, or None when this worker does not own it."""
+        try:
+            return (await self.processor(partition)).store
+        except NotOwned:
             return None
-        processor = await self.processor(partition)
-        return processor.store
 
     def _open(self, partition: int) -> PartitionProcessor:
         processor = PartitionProcessor(self.settings, partition)
@@ -73,7 +81,6 @@ class Worker:
             processor.close()  # release the RocksDB lock so a retry can open it again
             raise
         metrics.recovered_records.labels(str(partition)).set(processor.recovered_entries)
-        self.processors[partition] = processor
         return processor
 
     def _lock(self, partition: int) -> asyncio.Lock:
@@ -83,12 +90,9 @@ class Worker:
         return lock
 
     async def release(self, partition: int) -> None:
-        """Close a partition's processor once no batch of it is running."""
+        """Close a partition's processor once no open or batch of it is running."""
         async with self._lock(partition):
-            future = self._ready.pop(partition, None)
             processor = self.processors.pop(partition, None)
-            if future is not None and not future.done():
-                future.cancel()
             if processor is not None:
                 await self._run(processor.close)
 
@@ -106,10 +110,12 @@ class Worker:
                 return
             try:
                 async with self._lock(partition):
-                    processor = await self.processor(partition)
+                    processor = await self._processor_locked(partition)
                     with metrics.batch_seconds.time():
                         result = await self._run(processor.process, payloads)
                 break
+            except NotOwned:
+                continue  # re-checked at the top of the loop
             except Fenced as error:
                 log.warning("%s; releasing the partition", error)
                 await self.release(partition)
@@ -187,6 +193,8 @@ def create_app(settings: Settings | None = None) -> faust.App:
     async def _recover(partition: int) -> None:
         try:
             await worker.processor(partition)
+        except NotOwned:
+            pass  # revoked again before its turn: nothing to recover
         except Exception:  # noqa: BLE001 — logged; the agent retries on first use
             log.exception("recovery of partition %d failed", partition)
 
