@@ -27,6 +27,10 @@ from streams.topics import COMMITTED, REJECTED, REPLIES, REQUESTS, partition_for
 log = logging.getLogger("streamledger.processor")
 
 
+# Records replayed between two store commits during recovery.
+_REPLAY_COMMIT_RECORDS = 2_000
+_REPLAY_STALL_SECONDS = 60
+
 # The rejection code of a record on ledger.requests that is not a request batch at all.
 INVALID_RECORD = "INVALID_RECORD"
 
@@ -50,7 +54,8 @@ class PartitionProcessor:
         self._clock = clock
         path = Path(settings.data_dir) / settings.app_id / f"partition-{partition:04d}"
         self.store = PartitionStore(
-            path, rocksdb_options(settings.rocksdb_block_cache_mb, settings.rocksdb_write_buffer_mb)
+            path, rocksdb_options(settings.rocksdb_block_cache_mb, settings.rocksdb_write_buffer_mb),
+            settings.store_cache_entries,
         )
         self.transactional_id = f"{settings.app_id}-ledger-{partition}"
         self._producer: Producer | None = None
@@ -110,6 +115,12 @@ class PartitionProcessor:
         return replayed
 
     def _catch_up(self, topic: str) -> int:
+        """Replay `topic` from the store's recorded position to its end.
+
+        Progress is written every `_REPLAY_COMMIT_RECORDS` records (state and position in
+        one write batch, as always), so a rebuild's memory stays bounded and a crash in
+        the middle of one resumes where it stopped.
+        """
         start = self.store.position(topic) or 0
         consumer = Consumer({
             "bootstrap.servers": self.settings.bootstrap_servers,
@@ -120,17 +131,20 @@ class PartitionProcessor:
             "auto.offset.reset": "earliest",
         })
         count = 0
+        label = str(self.partition)
         try:
-            low, high = consumer.get_watermark_offsets(TopicPartition(topic, self.partition), timeout=10)
+            partition = TopicPartition(topic, self.partition)
+            low, high = consumer.get_watermark_offsets(partition, timeout=10)
             if high <= start:
                 return 0
             consumer.assign([TopicPartition(topic, self.partition, max(start, low))])
             overlay = Overlay(self.store)
             position = start
-            while True:
-                messages = consumer.consume(10_000, timeout=1.0)
+            pending = 0
+            progress_at, last_fetched = time.monotonic(), -1
+            while position < high:
                 done = False
-                for message in messages:
+                for message in consumer.consume(5_000, timeout=0.05):
                     error = message.error()
                     if error is not None:
                         if error.code() == KafkaError._PARTITION_EOF:
@@ -140,14 +154,32 @@ class PartitionProcessor:
                     self._replay_record(overlay, topic, message.value())
                     position = message.offset() + 1
                     count += 1
-                if messages:
-                    metrics.recovery_replayed.labels(str(self.partition)).set(count)
-                if count and (count % 100_000 < len(messages)):
+                    pending += 1
+                if pending >= _REPLAY_COMMIT_RECORDS:
+                    self.store.commit(overlay.writes(), {topic: position})
+                    overlay, pending = Overlay(self.store), 0
+                    metrics.recovery_replayed.labels(label).set(count)
                     log.info("partition %d: replayed %d records of %s", self.partition, count, topic,
                              extra={"partition": self.partition, "replayed": count, "topic": topic})
-                if done:
+                # The end may be a transaction marker, which is never delivered: the
+                # consumer's position moves past it, or the partition reports its end.
+                fetched = consumer.position([partition])[0].offset
+                if done or fetched >= high:
+                    # The recorded position stays just past the last record replayed, as
+                    # the live path records it, so a rebuilt store equals the live one.
                     break
+                now = time.monotonic()
+                if fetched != last_fetched:
+                    progress_at, last_fetched = now, fetched
+                elif now - progress_at > _REPLAY_STALL_SECONDS:
+                    # Never hold the partition forever (a revocation waits for us): fail,
+                    # and let the caller retry with backoff.
+                    raise KafkaException(KafkaError(
+                        KafkaError._TIMED_OUT,
+                        f"recovery of {topic}[{self.partition}] made no progress for {_REPLAY_STALL_SECONDS}s",
+                    ))
             self.store.commit(overlay.writes(), {topic: max(position, start)})
+            metrics.recovery_replayed.labels(label).set(count)
         finally:
             consumer.close()
         return count
@@ -183,11 +215,21 @@ class PartitionProcessor:
         now = int(self._clock() * 1_000_000)
         decoded = [item for offset, key, value in payloads for item in self._decode(offset, key, value, now)]
         result = BatchResult()
-        # Records carry up to thousands of requests each: bound the requests per Kafka
-        # transaction (and the overlay's memory) by request count, not record count.
-        size = self.settings.batch_requests_max
-        for start in range(0, len(decoded), size):
-            self._apply_and_commit(decoded[start:start + size], now, result)
+        # Records carry up to thousands of requests each, and requests up to a thousand
+        # postings: bound each Kafka transaction (and the overlay's memory) by requests
+        # and by postings, not by records.
+        chunk: list = []
+        postings = 0
+        for item in decoded:
+            weight = _postings_of(item)
+            if chunk and (len(chunk) >= self.settings.batch_requests_max
+                          or postings + weight > self.settings.batch_postings_max):
+                self._apply_and_commit(chunk, now, result)
+                chunk, postings = [], 0
+            chunk.append(item)
+            postings += weight
+        if chunk:
+            self._apply_and_commit(chunk, now, result)
         return result
 
     def _apply_and_commit(self, requests: list, now: int, result: BatchResult) -> None:
@@ -325,6 +367,12 @@ class PartitionProcessor:
         if self._producer is None:
             self._producer = self._new_producer()
         return self._producer
+
+
+def _postings_of(item) -> int:
+    command = getattr(item, "command", None)
+    postings = getattr(command, "postings", None)
+    return len(postings) if postings else 1
 
 
 @lru_cache(maxsize=65_536)

@@ -36,8 +36,13 @@ class Settings:
     batch_requests_max: int = field(default_factory=lambda: int(_env("STREAMLEDGER_BATCH_MAX", "4000")))
     batch_linger_ms: int = field(default_factory=lambda: int(_env("STREAMLEDGER_BATCH_LINGER_MS", "5")))
     gateway_linger_ms: float = field(default_factory=lambda: float(_env("STREAMLEDGER_GATEWAY_LINGER_MS", "1")))
+    # One block cache for all of a worker's partition stores.
     rocksdb_block_cache_mb: int = field(default_factory=lambda: int(_env("STREAMLEDGER_ROCKSDB_BLOCK_CACHE_MB", "64")))
     rocksdb_write_buffer_mb: int = field(default_factory=lambda: int(_env("STREAMLEDGER_ROCKSDB_WRITE_BUFFER_MB", "16")))
+    # Decoded hot values (balances, heads, accounts) kept in memory per partition store.
+    store_cache_entries: int = field(default_factory=lambda: int(_env("STREAMLEDGER_STORE_CACHE_ENTRIES", "50000")))
+    # Postings per Kafka transaction (a request may carry up to 1000 postings).
+    batch_postings_max: int = field(default_factory=lambda: int(_env("STREAMLEDGER_BATCH_POSTINGS_MAX", "20000")))
     session_timeout_ms: int = field(default_factory=lambda: int(_env("STREAMLEDGER_SESSION_TIMEOUT_MS", "10000")))
     # Experimental Numscript features enabled for every script, comma-separated
     # (e.g. "experimental-oneof,experimental-overdraft-function").

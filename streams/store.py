@@ -14,11 +14,12 @@ from __future__ import annotations
 
 import base64
 import json
+from functools import lru_cache
 
 from streams.fastjson import dumps_json
 from pathlib import Path
 
-from rocksdict import Options, Rdict, WriteBatch, BlockBasedOptions, Cache
+from rocksdict import BlockBasedOptions, Cache, Options, Rdict, WriteBatch, WriteBufferManager
 
 from ledger.machine import Rejected  # noqa: F401  (kept for type context)
 from ledger.model import LogEntry, Posting, Transaction, Volumes
@@ -121,15 +122,29 @@ def transaction_from_record(v: list) -> Transaction:
     )
 
 
+@lru_cache(maxsize=None)
+def _shared(block_cache_mb: int, write_buffers_mb: int) -> tuple[Cache, WriteBufferManager]:
+    """One block cache and one memtable budget for every partition database of a worker:
+    sizes per database would multiply with the number of partitions a worker owns."""
+    return (
+        Cache(block_cache_mb * 1024 * 1024),
+        WriteBufferManager(write_buffers_mb * 1024 * 1024, False),
+    )
+
+
 def rocksdb_options(block_cache_mb: int, write_buffer_mb: int) -> Options:
-    """Explicit, small RocksDB sizes: faust's defaults (2 GiB cache, 3x64 MiB buffers per
-    partition database) would let a worker's memory grow with its partition count."""
+    """Explicit, small, shared RocksDB memory (faust's defaults are a 2 GiB cache and
+    3x64 MiB buffers *per partition database*): `block_cache_mb` is one LRU cache for the
+    whole worker; each database's memtable is `write_buffer_mb`, and all memtables
+    together are held to 4x that by a shared write-buffer manager (flushes come sooner)."""
+    cache, buffers = _shared(block_cache_mb, 4 * write_buffer_mb)
     options = Options(raw_mode=True)
     options.create_if_missing(True)
     options.set_write_buffer_size(write_buffer_mb * 1024 * 1024)
     options.set_max_write_buffer_number(2)
+    options.set_write_buffer_manager(buffers)
     table = BlockBasedOptions()
-    table.set_block_cache(Cache(block_cache_mb * 1024 * 1024))
+    table.set_block_cache(cache)
     table.set_bloom_filter(10, False)
     options.set_block_based_table_factory(table)
     return options
@@ -138,7 +153,7 @@ def rocksdb_options(block_cache_mb: int, write_buffer_mb: int) -> Options:
 class PartitionStore:
     """The state of one partition: every ledger whose key hashes to it."""
 
-    def __init__(self, path: Path, options: Options, cache_entries_max: int = 200_000) -> None:
+    def __init__(self, path: Path, options: Options, cache_entries_max: int = 50_000) -> None:
         path.mkdir(parents=True, exist_ok=True)
         self.path = path
         self._db = Rdict(str(path), options)
