@@ -129,6 +129,7 @@ class PartitionProcessor:
             "isolation.level": "read_committed",
             "enable.partition.eof": True,
             "auto.offset.reset": "earliest",
+            "socket.nagle.disable": True,
         })
         count = 0
         label = str(self.partition)
@@ -335,8 +336,8 @@ class PartitionProcessor:
                         topic, value, ledger.encode(), partition=self.partition,
                         on_delivery=delivered, headers=[("request_id", request_id.encode())],
                     )
-            producer.flush(60)
-            producer.commit_transaction(60)
+            producer.commit_transaction(60)  # flushes, and serves the delivery callbacks
+            producer.poll(0)
         except KafkaException as exception:
             error = exception.args[0] if exception.args else None
             if isinstance(error, KafkaError) and error.fatal():

@@ -88,7 +88,7 @@ def _conf_key(name: str) -> str:
 
 def producer_config(bootstrap: str, **extra: object) -> dict:
     """A confluent-kafka producer config: Java-compatible murmur2 partitioning (always),
-    `acks=all`, idempotence on.
+    `acks=all`, idempotence on, Nagle off.
 
     Extra settings may be given with librdkafka's dotted names (`**{"linger.ms": 1}`) or as
     keywords with underscores for dots (`linger_ms=1`, `transactional_id="..."`). The
@@ -100,6 +100,9 @@ def producer_config(bootstrap: str, **extra: object) -> dict:
         "partitioner": PARTITIONER,
         "acks": "all",
         "enable.idempotence": True,
+        # Nagle's algorithm against delayed ACKs held every transaction commit ~25 ms on
+        # loopback (measured: 28 ms → 3.5 ms median per commit with it off).
+        "socket.nagle.disable": True,
     }
     for name, value in extra.items():
         key = _conf_key(name)
