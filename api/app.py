@@ -306,18 +306,7 @@ async def delete_account_metadata(request: web.Request) -> web.Response:
 
 
 async def list_logs(request: web.Request) -> web.Response:
-    ledger = _ledger_name(request)
-    page_size = _page_size(request)
-    cursor = request.query.get("cursor")
-    params = {"pageSize": str(page_size)}
-    if cursor:
-        params["after"] = str(_decode_cursor(cursor))
-    body = await _forward(request, f"/ledger/{ledger}/logs", params)
-    rows = body["data"]
-    page: dict = {"pageSize": page_size, "hasMore": body["hasMore"], "data": rows}
-    if body["hasMore"] and rows:
-        page["next"] = _encode_cursor(rows[-1]["id"])
-    return web.json_response({"cursor": page})
+    return await _list_page(request, "logs")
 
 
 async def get_transaction(request: web.Request) -> web.Response:
@@ -327,14 +316,18 @@ async def get_transaction(request: web.Request) -> web.Response:
 
 
 async def list_transactions(request: web.Request) -> web.Response:
+    return await _list_page(request, "transactions")
+
+
+async def _list_page(request: web.Request, resource: str) -> web.Response:
+    """A newest-first page of a ledger's transactions or logs, with Formance's cursor."""
     ledger = _ledger_name(request)
     page_size = _page_size(request)
     cursor = request.query.get("cursor")
-    after = _decode_cursor(cursor) if cursor else None
     params = {"pageSize": str(page_size)}
-    if after is not None:
-        params["after"] = str(after)
-    body = await _forward(request, f"/ledger/{ledger}/transactions", params)
+    if cursor:
+        params["after"] = str(_decode_cursor(cursor))
+    body = await _forward(request, f"/ledger/{ledger}/{resource}", params)
     rows = body["data"]
     page: dict = {"pageSize": page_size, "hasMore": body["hasMore"], "data": rows}
     if body["hasMore"] and rows:

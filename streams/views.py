@@ -46,6 +46,24 @@ def _effective_at(store, ledger: str, address: str, assets, pit: int | None) -> 
     return result
 
 
+def _newest_first(store, prefix: tuple, request: Request, lowest_id: int = 0) -> tuple[list, bool]:
+    """A page of values keyed by id under `prefix`, by id descending, strictly below the
+    `after` query parameter; -> (rows, whether more follow)."""
+    page_size = int(request.query.get("pageSize", "15"))
+    after = request.query.get("after")
+    if after is not None and int(after) <= lowest_id:
+        return [], False
+    start = prefix + (int(after) - 1,) if after is not None else None
+    rows = []
+    for _key, value in store.scan_keys(prefix, start=start, reverse=True):
+        if value.id < lowest_id:
+            break
+        rows.append(value)
+        if len(rows) > page_size:
+            break
+    return rows[:page_size], len(rows) > page_size
+
+
 def _json(view: View, body: dict, status: int = 200) -> Response:
     # Not view.json(): faust encodes with orjson when it is installed, and orjson refuses
     # integers beyond 64 bits — amounts are arbitrary-precision.
@@ -96,19 +114,9 @@ def register(app: faust.App, worker, requests_topic) -> None:
             store = await store_for(ledger)
             if store.get((LEDGER, ledger)) is None:
                 return not_found(self, "LEDGER_NOT_FOUND", f"ledger '{ledger}' not found")
-            page_size = int(request.query.get("pageSize", "15"))
-            after = request.query.get("after")  # ids strictly below this (descending order)
-            start = (TRANSACTION, ledger, int(after) - 1) if after else None
-            if start is not None and start[2] < 0:
-                return _json(self, {"data": [], "hasMore": False})
-            rows = []
-            for _key, transaction in store.scan_keys((TRANSACTION, ledger), start=start, reverse=True):
-                rows.append(transaction)
-                if len(rows) > page_size:
-                    break
-            has_more = len(rows) > page_size
+            rows, has_more = _newest_first(store, (TRANSACTION, ledger), request)
             return _json(self, {
-                "data": [render.transaction_json(t, _effective(store, ledger, t)) for t in rows[:page_size]],
+                "data": [render.transaction_json(t, _effective(store, ledger, t)) for t in rows],
                 "hasMore": has_more,
             })
 
@@ -119,20 +127,9 @@ def register(app: faust.App, worker, requests_topic) -> None:
             store = await store_for(ledger)
             if store.get((LEDGER, ledger)) is None:
                 return not_found(self, "LEDGER_NOT_FOUND", f"ledger '{ledger}' not found")
-            page_size = int(request.query.get("pageSize", "15"))
-            after = request.query.get("after")
-            start = (LOG, ledger, int(after) - 1) if after else None
-            rows = []
-            for _key, entry in store.scan_keys((LOG, ledger), start=start, reverse=True):
-                if entry.id == 0:
-                    break  # the ledger's creation is not one of Formance's log entries
-                rows.append(entry)
-                if len(rows) > page_size:
-                    break
-            return _json(self, {
-                "data": [log_entry_json(entry) for entry in rows[:page_size]],
-                "hasMore": len(rows) > page_size,
-            })
+            # Id 0, the ledger's creation, is not one of Formance's log entries.
+            rows, has_more = _newest_first(store, (LOG, ledger), request, lowest_id=1)
+            return _json(self, {"data": [log_entry_json(entry) for entry in rows], "hasMore": has_more})
 
     @app.page("/ledger/{ledger}/accounts/{address}")
     class AccountView(View):

@@ -122,3 +122,16 @@ def test_worker_exposes_prometheus_metrics(stack, ledger):
     for name in ("streamledger_batch_seconds", "streamledger_consumer_lag", "streamledger_recovered_records",
                  "streamledger_batch_requests"):
         assert name in text, name
+
+
+def test_transactions_and_logs_page_with_cursors(stack, ledger):
+    for amount in (1, 2, 3):
+        http("POST", f"{stack.url}/v2/{ledger}/transactions", tx("world", "p", amount))
+    for resource in ("transactions", "logs"):
+        first = http("GET", f"{stack.url}/v2/{ledger}/{resource}?pageSize=2").body["cursor"]
+        assert [row["id"] for row in first["data"]] == [3, 2] and first["hasMore"]
+        second = http("GET", f"{stack.url}/v2/{ledger}/{resource}?pageSize=2&cursor={first['next']}").body["cursor"]
+        assert [row["id"] for row in second["data"]] == [1] and not second["hasMore"]
+    bad = http("GET", f"{stack.url}/v2/{ledger}/transactions?cursor=%%%")
+    assert bad.status == 400 and bad.body["errorCode"] == "VALIDATION"
+    assert http("GET", f"{stack.url}/v2/{ledger}/transactions?pageSize=5000").status == 400
