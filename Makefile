@@ -25,10 +25,12 @@ dev: jars
 	$(BIN)/streamledger dev
 
 test: jars
-	$(BIN)/python -m pytest -q -p no:cacheprovider
 	@if [ -d $(SHARED)/numscript ]; then \
 		$(BIN)/streamledger numscript test $(SHARED)/numscript; \
 	else echo "skipped: Numscript conformance ($(SHARED)/numscript not found)"; fi
+	@if [ -f $(SHARED)/formance/logs-v2.1-hashchain.jsonl ]; then \
+		$(BIN)/streamledger verify $(SHARED)/formance/logs-v2.1-hashchain.jsonl; fi
+	$(BIN)/python -m pytest -q -p no:cacheprovider
 
 test-unit: install
 	$(BIN)/python -m pytest -q -p no:cacheprovider -m "not integration"

@@ -27,8 +27,10 @@ from streams.topics import COMMITTED, REJECTED, REPLIES, REQUESTS, partition_for
 log = logging.getLogger("streamledger.processor")
 
 
-# Records replayed between two store commits during recovery.
-_REPLAY_COMMIT_RECORDS = 2_000
+# Recovery writes its progress to the store every so many records, a record weighing as
+# many as its postings (entries carry up to 1000): memory stays bounded, and a crash in the
+# middle of a rebuild resumes from the last write.
+_REPLAY_COMMIT_WEIGHT = 20_000
 _REPLAY_STALL_SECONDS = 60
 
 # The rejection code of a record on ledger.requests that is not a request batch at all.
@@ -117,7 +119,7 @@ class PartitionProcessor:
     def _catch_up(self, topic: str) -> int:
         """Replay `topic` from the store's recorded position to its end.
 
-        Progress is written every `_REPLAY_COMMIT_RECORDS` records (state and position in
+        Progress is written every `_REPLAY_COMMIT_WEIGHT` postings (state and position in
         one write batch, as always), so a rebuild's memory stays bounded and a crash in
         the middle of one resumes where it stopped.
         """
@@ -152,11 +154,10 @@ class PartitionProcessor:
                             done = True
                             continue
                         raise KafkaException(error)
-                    self._replay_record(overlay, topic, message.value())
+                    pending += self._replay_record(overlay, topic, message.value())
                     position = message.offset() + 1
                     count += 1
-                    pending += 1
-                if pending >= _REPLAY_COMMIT_RECORDS:
+                if pending >= _REPLAY_COMMIT_WEIGHT:
                     self.store.commit(overlay.writes(), {topic: position})
                     overlay, pending = Overlay(self.store), 0
                     metrics.recovery_replayed.labels(label).set(count)
@@ -185,15 +186,18 @@ class PartitionProcessor:
             consumer.close()
         return count
 
-    def _replay_record(self, overlay: Overlay, topic: str, payload: bytes) -> None:
+    def _replay_record(self, overlay: Overlay, topic: str, payload: bytes) -> int:
+        """Project one record of the log or of the rejections; -> its weight (postings)."""
         if topic == REJECTED:
             project_rejection(overlay, codecs.decode_rejection(payload))
-            return
+            return 1
         entry = codecs.decode_log_entry(payload)
         head = overlay.get((HEAD, entry.ledger)) or Head()
         if entry.id > 0 and entry.id <= head.last_log_id:  # type: ignore[union-attr]
-            return  # already reflected
+            return 1  # already reflected
         project_entry(overlay, entry)
+        transaction = entry.data.get("transaction")
+        return max(1, len(transaction["postings"])) if transaction else 1
 
     # -- the write path ----------------------------------------------------------------
 
