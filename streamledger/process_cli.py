@@ -20,9 +20,19 @@ def _logging(level: str) -> None:
     configure(level)
 
 
+def _bounded_malloc_arenas() -> None:
+    """Re-exec once with MALLOC_ARENA_MAX set: glibc gives each busy thread its own malloc
+    arena, and a worker's partition threads would hold freed memory in up to 16 of them.
+    Set MALLOC_ARENA_MAX yourself to choose another value (or to skip the re-exec)."""
+    if "MALLOC_ARENA_MAX" in os.environ or not sys.platform.startswith("linux"):
+        return
+    os.execve(sys.executable, list(sys.orig_argv), {**os.environ, "MALLOC_ARENA_MAX": "2"})
+
+
 @click.command()
 def worker() -> None:
     """Run a stream worker (consumes ledger.requests, owns some partitions)."""
+    _bounded_malloc_arenas()
     from faust import Worker as FaustWorker
 
     from streams.settings import Settings

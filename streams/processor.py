@@ -74,9 +74,8 @@ class PartitionProcessor:
            the store recorded, and project what the store does not reflect yet.
         Only then does the worker apply new requests of this partition.
         """
-        self._producer = self._new_producer()
         started = time.monotonic()
-        self.recovered_entries = self.recover()
+        self._ensure_producer()
         seconds = time.monotonic() - started
         log.info(
             "partition %d ready: replayed %d log records in %.2fs",
@@ -238,6 +237,7 @@ class PartitionProcessor:
         return result
 
     def _apply_and_commit(self, requests: list, now: int, result: BatchResult) -> None:
+        self._ensure_producer()  # before applying: a new producer epoch catches up first
         overlay = Overlay(self.store)
         emissions: list[tuple[str, str, bytes, str]] = []  # topic, ledger, value, request id
         flags = self.settings.numscript_flags
@@ -318,7 +318,8 @@ class PartitionProcessor:
         """Produce the batch's records in one Kafka transaction; -> next offset per topic."""
         if not emissions:
             return {}
-        producer = self._ensure_producer()
+        producer = self._producer
+        assert producer is not None, "a batch is applied only with a caught-up producer"
         offsets: dict[str, int] = {}
 
         def delivered(error, message) -> None:
@@ -369,8 +370,20 @@ class PartitionProcessor:
                 log.warning("partition %d: abort failed (%s); re-initialising", self.partition, error)
 
     def _ensure_producer(self) -> Producer:
+        """The partition's producer; a new one fences every older one, and then the store
+        catches up from the log before anything is applied.
+
+        The invariant that keeps the log gapless under zombies: each producer epoch writes
+        only after reading everything committed before it was initialised. A previous
+        owner (or this worker's own producer before a reset) can commit nothing after
+        that initialisation, so what we apply starts from the log's true head. A stale
+        worker that re-initialises may steal the partition back for a moment, but it too
+        catches up first: the cost is availability, never a fork.
+        """
         if self._producer is None:
-            self._producer = self._new_producer()
+            producer = self._new_producer()
+            self.recovered_entries = self.recover()
+            self._producer = producer
         return self._producer
 
 
