@@ -38,15 +38,24 @@ def worker() -> None:
     from streams.settings import Settings
     from streams.worker import create_app
 
-    from streams.topics import ensure_topics
-
     settings = Settings()
-    ensure_topics(settings.bootstrap_servers, settings.partitions)
+    _logging(settings.log_level)
+    _wait_for_topics(settings)
+    logging.getLogger().handlers.clear()  # faust sets up its own logging from here on
     app = create_app(settings)
     from streams.logs import configure_ours
 
     configure_ours(settings.log_level)  # faust configures the root logger itself
-    FaustWorker(app, loglevel=settings.log_level.upper(), quiet=True).execute_from_commandline()
+    try:
+        FaustWorker(app, loglevel=settings.log_level.upper(), quiet=True).execute_from_commandline()
+    except SystemExit as exit_:
+        # faust gives up if the broker vanishes while it starts (a broker restart): start
+        # over in the same process (same pid for supervisors) instead of exiting.
+        if exit_.code not in (0, None) and not app.streamledger_worker.started:
+            logging.getLogger("streamledger.worker").warning("worker failed while starting; starting over in 2s")
+            time.sleep(2)
+            os.execve(sys.executable, list(sys.orig_argv), dict(os.environ))
+        raise
 
 
 @click.command()
@@ -121,6 +130,28 @@ def dev(kafka_port: int) -> None:
                 child.kill()
         if kafka is not None:
             kafka.stop()
+
+
+def _wait_for_topics(settings, timeout: float = 180.0) -> None:
+    """Create the topics, waiting for the broker: a worker started while Kafka restarts
+    should come up when Kafka does, not exit."""
+    from streams.topics import TopicMismatchError, ensure_topics
+
+    log = logging.getLogger("streamledger.worker")
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            ensure_topics(settings.bootstrap_servers, settings.partitions)
+            return
+        except TopicMismatchError as error:
+            raise click.ClickException(str(error)) from None
+        except Exception as error:  # noqa: BLE001 — the broker is down or still starting
+            if time.monotonic() > deadline:
+                raise click.ClickException(
+                    f"Kafka at {settings.bootstrap_servers} is not reachable after {timeout:.0f}s: {error}"
+                ) from None
+            log.warning("waiting for Kafka at %s (%s)", settings.bootstrap_servers, error)
+            time.sleep(2)
 
 
 def _wait_healthy(url: str, children: list[subprocess.Popen], timeout: float = 120) -> None:

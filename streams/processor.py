@@ -37,6 +37,10 @@ _REPLAY_STALL_SECONDS = 60
 INVALID_RECORD = "INVALID_RECORD"
 
 
+class LogForked(Exception):
+    """The committed log holds two different entries with one id: an operator must look."""
+
+
 class Fenced(Exception):
     """Another worker took this partition over (its producer fenced ours): stop writing."""
 
@@ -193,6 +197,13 @@ class PartitionProcessor:
         entry = codecs.decode_log_entry(payload)
         head = overlay.get((HEAD, entry.ledger)) or Head()
         if entry.id > 0 and entry.id <= head.last_log_id:  # type: ignore[union-attr]
+            known = overlay.get((LOG, entry.ledger, entry.id))
+            if known is not None and known.hash != entry.hash:  # type: ignore[union-attr]
+                raise LogForked(
+                    f"ledger '{entry.ledger}' has two different entries with id {entry.id} in "
+                    f"{COMMITTED}: something else writes this ledger's log (another "
+                    "STREAMLEDGER_APP_ID consuming the same ledger.requests?). Refusing to go on."
+                )
             return 1  # already reflected
         project_entry(overlay, entry)
         transaction = entry.data.get("transaction")

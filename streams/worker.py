@@ -42,6 +42,7 @@ class Worker:
         self.settings = settings
         self.owns = owns  # does the consumer group still assign us this partition?
         self.processors: dict[int, PartitionProcessor] = {}
+        self.started = False  # has the group ever assigned us partitions?
         self._locks: dict[int, asyncio.Lock] = {}
         # One thread per partition at most; RocksDB and librdkafka release the GIL.
         self.executor = ThreadPoolExecutor(max_workers=8, thread_name_prefix="partition")
@@ -96,18 +97,19 @@ class Worker:
             if processor is not None:
                 await self._run(processor.close)
 
-    async def process(self, partition: int, payloads: list) -> None:
+    async def process(self, partition: int, payloads: list) -> bool:
         """Apply a batch, retrying transient Kafka failures until it is in the log.
 
         A batch is never dropped while this worker owns the partition: its requests'
         offsets must not be committed before their outcomes are. If the partition moved
-        to another worker meanwhile, the new owner gets the requests redelivered.
+        to another worker meanwhile, the new owner gets the requests redelivered; returns
+        False then, and the caller must keep faust from acknowledging them.
         """
         delay = 0.1
         while True:
             if not self.owns(partition):
                 log.warning("partition %d is no longer ours; its owner will apply %d records", partition, len(payloads))
-                return
+                return False
             try:
                 async with self._lock(partition):
                     processor = await self._processor_locked(partition)
@@ -119,7 +121,7 @@ class Worker:
             except Fenced as error:
                 log.warning("%s; releasing the partition", error)
                 await self.release(partition)
-                return
+                return False
             except KafkaException as error:
                 metrics.batch_retries.inc()
                 log.warning("partition %d: batch failed (%s); retrying in %.1fs", partition, error, delay)
@@ -131,6 +133,7 @@ class Worker:
                 metrics.applied.labels(ledger).inc(applied)
             if rejected:
                 metrics.rejected.labels(ledger).inc(rejected)
+        return True
 
     async def _run(self, function, *args):
         return await asyncio.get_running_loop().run_in_executor(self.executor, function, *args)
@@ -139,6 +142,21 @@ class Worker:
         for partition in list(self.processors):
             await self.release(partition)
         self.executor.shutdown(wait=True)
+
+
+def _unacknowledge(events) -> None:
+    """Keep faust from ever committing offsets of requests this worker did not apply.
+
+    take_events acknowledges every event of a batch when the batch's body returns. For a
+    partition that moved away mid-batch, that acknowledgement would linger in faust's
+    bookkeeping and could be committed if the partition came back here — past requests
+    nobody applied. Marking the messages as already acknowledged turns faust's ack into a
+    no-op; the new owner gets them redelivered from the last committed offset.
+    """
+    for event in events:
+        message = event.message
+        message.acked = True
+        event.app.consumer._unacked_messages.discard(message)  # noqa: SLF001 (faust internals)
 
 
 def create_app(settings: Settings | None = None) -> faust.App:
@@ -185,7 +203,8 @@ def create_app(settings: Settings | None = None) -> faust.App:
 
     @app.on_partitions_assigned.connect
     async def _assigned(app_: faust.App, assigned: set[TP], **_kwargs) -> None:
-        # Recover in the background; the agent awaits the same future before it applies.
+        # Recover in the background; the agent awaits the same lock before it applies.
+        worker.started = True
         for tp in assigned:
             if tp.topic == REQUESTS:
                 asyncio.ensure_future(_recover(tp.partition))
@@ -209,9 +228,11 @@ def create_app(settings: Settings | None = None) -> faust.App:
             try:
                 # Partitions are independent serial writers: overlap their Kafka round
                 # trips (librdkafka and RocksDB release the GIL while they wait).
-                await asyncio.gather(*(
-                    worker.process(partition, payloads) for partition, payloads in by_partition.items()
-                ))
+                partitions = list(by_partition)
+                applied = await asyncio.gather(*(worker.process(p, by_partition[p]) for p in partitions))
+                skipped = {p for p, done in zip(partitions, applied) if not done}
+                if skipped:
+                    _unacknowledge([e for e in events if e.message.partition in skipped])
                 for partition, payloads in by_partition.items():
                     highwater = app.consumer.highwater(TP(REQUESTS, partition))
                     if highwater is not None:

@@ -66,7 +66,19 @@ def _log(bootstrap: str, ledgers: set[str]) -> dict[str, list]:
     return entries
 
 
-def test_workers_joining_and_leaving_move_partitions_without_loss_or_duplication(kafka_bootstrap, tmp_path):
+@pytest.fixture(scope="module")
+def own_kafka():
+    """A broker of this module's own: the suite's shared broker has the session's worker
+    consuming ledger.requests in another consumer group, which would apply these ledgers'
+    requests too — two independent writers, two forks of each ledger's log."""
+    from streamledger.kafka_local import LocalKafka
+
+    with LocalKafka() as broker:
+        yield broker.bootstrap_servers
+
+
+def test_workers_joining_and_leaving_move_partitions_without_loss_or_duplication(own_kafka, tmp_path):
+    kafka_bootstrap = own_kafka
     ensure_topics(kafka_bootstrap, 8)
     stack = Stack(kafka_bootstrap, tmp_path)
     second_port = free_ports(1)[0]

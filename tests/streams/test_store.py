@@ -90,3 +90,32 @@ def test_scan_returns_text_segments_for_assets_and_bytes_for_moments(store):
                   ((VOLUMES, "main", "ab", "EUR"), Volumes(3, 0))], {})
     assert list(store.scan((VOLUMES, "main", "a"))) == [("EUR", Volumes(1, 0)), ("EUR/2", Volumes(2, 0))]
     assert list(store.scan((VOLUMES, "main", "a"), "EUR/2", reverse=True))[0][0] == "EUR/2"
+
+
+def test_replay_refuses_a_log_that_forked(tmp_path):
+    """Two writers on one ledger (e.g. two app ids on the same topics) would leave two
+    different entries under one id: recovery must stop loudly, not pick one silently."""
+    import dataclasses as dc
+
+    from ledger.commands import CreateLedger, Request
+    from ledger.machine import execute
+    from streams import codecs
+    from streams.processor import LogForked, PartitionProcessor
+    from streams.settings import Settings
+    from streams.topics import COMMITTED
+
+    settings = dc.replace(Settings(), data_dir=tmp_path)
+    processor = PartitionProcessor(settings, 0)
+    try:
+        overlay = Overlay(processor.store)
+        execute(overlay, Request("c", "main", CreateLedger()), 1)
+        entry = execute(overlay, Request("t", "main", create_transaction_from_json(
+            {"postings": [posting("world", "a", 5)]})), 2).entry
+        processor.store.commit(overlay.writes(), {})
+        same = codecs.encode_log_entry(entry)
+        assert processor._replay_record(Overlay(processor.store), COMMITTED, same) == 1
+        other = codecs.encode_log_entry(dc.replace(entry, hash=b"\x01" * 32))
+        with pytest.raises(LogForked):
+            processor._replay_record(Overlay(processor.store), COMMITTED, other)
+    finally:
+        processor.close()
