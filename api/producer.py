@@ -69,9 +69,14 @@ class RequestsClient:
 
     async def stop(self) -> None:
         self._stop.set()
-        if self._thread is not None:
-            await asyncio.get_running_loop().run_in_executor(None, self._thread.join, 10)
-        await asyncio.get_running_loop().run_in_executor(None, self._producer.flush, 5)
+        loop = asyncio.get_running_loop()
+        for thread in (self._thread, self._poller):
+            if thread is not None:
+                await loop.run_in_executor(None, thread.join, 10)
+        await loop.run_in_executor(None, self._producer.flush, 5)
+        # Drop the producer now: a live librdkafka client keeps reconnecting (and logging)
+        # to a broker that may be gone, until the interpreter exits.
+        del self._producer
 
     # -- sending ---------------------------------------------------------------------
 

@@ -171,6 +171,9 @@ def create_app(settings: Settings | None = None) -> faust.App:
         processing_guarantee="at_least_once",
         broker_session_timeout=settings.session_timeout_ms / 1000,
         broker_heartbeat_interval=0.5,
+        # A worker whose agent is stuck this long leaves the group, so its partitions move
+        # on (aiokafka's default is 5 minutes). Recovery of a large store fits well within.
+        broker_max_poll_interval=settings.max_poll_interval_ms / 1000,
         web_enabled=True,
         web_bind=settings.worker_host,
         web_host=settings.worker_advertised_host,
