@@ -143,6 +143,11 @@ class PartitionProcessor:
             "enable.partition.eof": True,
             "auto.offset.reset": "earliest",
             "socket.nagle.disable": True,
+            # A log entry of a 1000-posting transaction is ~150 KB: bound what librdkafka
+            # prefetches and what one consume() call hands over, or a rebuild holds
+            # hundreds of megabytes of records at once.
+            "queued.max.messages.kbytes": 16 * 1024,
+            "fetch.max.bytes": 8 * 1024 * 1024,
         })
         count = 0
         label = str(self.partition)
@@ -158,7 +163,7 @@ class PartitionProcessor:
             progress_at, last_fetched = time.monotonic(), -1
             while position < high:
                 done = False
-                for message in consumer.consume(5_000, timeout=0.05):
+                for message in consumer.consume(200, timeout=0.05):
                     error = message.error()
                     if error is not None:
                         if error.code() == KafkaError._PARTITION_EOF:
