@@ -216,15 +216,10 @@ def _create_transaction(
             _check_funds(state, request.ledger, postings)
     head = _head(state, request.ledger)
     date = max(now, head.last_date)
-    transaction = {
-        "postings": [posting.to_json() for posting in postings],
-        "metadata": metadata,
-        "timestamp": format_rfc3339(command.timestamp if command.timestamp is not None else date),
-        "id": head.last_transaction_id + 1,
-        "reverted": False,
-    }
-    if command.reference:
-        transaction["reference"] = command.reference
+    transaction = _transaction_payload(
+        head.last_transaction_id + 1, postings, metadata,
+        command.timestamp if command.timestamp is not None else date, command.reference,
+    )
     data = {"transaction": transaction, "accountMetadata": account_metadata}
     return _chain_entry(state, request, head, NEW_TRANSACTION, data, date)
 
@@ -313,14 +308,10 @@ def _revert_transaction(
     date = max(now, head.last_date)
     metadata = {**command.metadata, REVERTS_METADATA_KEY: str(original.id)}
     timestamp = original.timestamp if command.at_effective_date else date
-    transaction = {
-        "postings": [posting.to_json() for posting in postings],
-        "metadata": metadata,
-        "timestamp": format_rfc3339(timestamp),
-        "id": head.last_transaction_id + 1,
-        "reverted": False,
-    }
-    reverted_view = _transaction_log_view(original)
+    transaction = _transaction_payload(head.last_transaction_id + 1, postings, metadata, timestamp, None)
+    reverted_view = _transaction_payload(
+        original.id, original.postings, original.metadata, original.timestamp, original.reference,
+    )
     reverted_view["reverted"] = True
     reverted_view["revertedAt"] = format_rfc3339(date)
     data = {
@@ -331,17 +322,21 @@ def _revert_transaction(
     return _chain_entry(state, request, head, REVERTED_TRANSACTION, data, date)
 
 
-def _transaction_log_view(transaction: Transaction) -> dict:
-    view = {
-        "postings": [posting.to_json() for posting in transaction.postings],
-        "metadata": dict(transaction.metadata),
-        "timestamp": format_rfc3339(transaction.timestamp),
-        "id": transaction.id,
-        "reverted": transaction.reverted,
+def _transaction_payload(
+    transaction_id: int, postings: list[Posting], metadata: dict[str, str], timestamp: int,
+    reference: str | None,
+) -> dict:
+    """A transaction as Formance's log data carries it (the hash takes its memento)."""
+    payload = {
+        "postings": [posting.to_json() for posting in postings],
+        "metadata": dict(metadata),
+        "timestamp": format_rfc3339(timestamp),
+        "id": transaction_id,
+        "reverted": False,
     }
-    if transaction.reference:
-        view["reference"] = transaction.reference
-    return view
+    if reference:
+        payload["reference"] = reference
+    return payload
 
 
 def _save_metadata(state: Overlay, request: Request, command: SaveMetadata, now: int) -> LogEntry:
@@ -380,7 +375,7 @@ def _check_funds(state: Overlay, ledger: str, postings: list[Posting]) -> None:
     raw postings to one Numscript `send` each, with balances tracked across them)."""
     balances: dict[tuple[str, str], int] = {}
     for posting in postings:
-        for account, sign in ((posting.source, -1), (posting.destination, 1)):
+        for account in (posting.source, posting.destination):
             key = (account, posting.asset)
             if key not in balances:
                 balances[key] = _volumes(state, ledger, account, posting.asset).balance
@@ -445,11 +440,9 @@ def project_entry(state: Overlay, entry: LogEntry) -> None:
     if entry.id > 0:
         head = _head(state, ledger)
         assert entry.id == head.last_log_id + 1, f"log gap in {ledger}: {head.last_log_id} -> {entry.id}"
-        transaction_id = head.last_transaction_id
+        transaction_id, max_timestamp = head.last_transaction_id, head.max_timestamp
         if entry.type in (NEW_TRANSACTION, REVERTED_TRANSACTION):
             transaction_id = entry.data["transaction"]["id"]
-        max_timestamp = head.max_timestamp
-        if entry.type in (NEW_TRANSACTION, REVERTED_TRANSACTION):
             timestamp = parse_rfc3339(entry.data["transaction"]["timestamp"])
             max_timestamp = timestamp if max_timestamp is None else max(max_timestamp, timestamp)
         state.put((HEAD, ledger), Head(

@@ -8,12 +8,11 @@ shapes are built by the `*_json` helpers here so every layer renders them the sa
 from __future__ import annotations
 
 import re
-from functools import lru_cache
 from dataclasses import dataclass, field
+from functools import lru_cache
 
 from ledger import limits
 from ledger.errors import ValidationError
-from ledger.timeutil import format_rfc3339
 
 ADDRESS_PATTERN = re.compile(r"^[a-zA-Z0-9_-]+(:[a-zA-Z0-9_-]+)*$")
 ASSET_PATTERN = re.compile(r"^[A-Z][A-Z0-9]{0,16}(_[A-Z]{1,16})?(/\d{1,6})?$")
@@ -170,19 +169,6 @@ class Transaction:
     def reverted(self) -> bool:
         return self.reverted_at is not None
 
-    def memento(self) -> dict:
-        """The hashed form: Formance's field order, no volumes, `reverted` always false."""
-        body: dict = {
-            "postings": [posting.to_json() for posting in self.postings],
-            "metadata": dict(sorted(self.metadata.items())),
-            "timestamp": format_rfc3339(self.timestamp),
-        }
-        if self.reference:
-            body["reference"] = self.reference
-        body["id"] = self.id
-        body["reverted"] = False
-        return body
-
 
 def volumes_json(volumes: dict[str, dict[str, Volumes]]) -> dict:
     return {
@@ -195,8 +181,8 @@ def volumes_json(volumes: dict[str, dict[str, Volumes]]) -> dict:
 class LogEntry:
     """One entry of a ledger's immutable log, as published on `ledger.committed`.
 
-    `data` is the Formance-shaped payload (a dict ready for JSON); `memento` is the dict
-    that is hashed. `id` is per ledger, gapless from 1 (0 for `CREATED_LEDGER`).
+    `data` is the Formance-shaped payload (a dict ready for JSON); its memento
+    (`ledger.hashchain.memento_of`) is what is hashed. `id` is per ledger, gapless from 1 (0 for `CREATED_LEDGER`).
     """
 
     ledger: str
