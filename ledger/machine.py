@@ -139,6 +139,17 @@ def execute(
     return Committed(request.request_id, entry, request.dry_run)
 
 
+def refuse(state: Overlay, rejection: Rejected) -> Rejected | Replayed:
+    """Record a refusal decided before `execute` could run (a record that is not a request,
+    a field out of range). Like `execute`, a request id already answered is not answered
+    twice: its redelivery replays the first outcome."""
+    previous = state.get((REQUEST, rejection.request_id))
+    if previous is not None:
+        return Replayed(rejection.request_id, rejection.ledger, previous, idempotency_hit=False)  # type: ignore[arg-type]
+    project_rejection(state, rejection)
+    return rejection
+
+
 def _check_idempotency(state: Overlay, request: Request) -> Replayed | None:
     if not request.idempotency_key:
         return None

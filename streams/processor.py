@@ -16,7 +16,7 @@ from pathlib import Path
 from confluent_kafka import Consumer, KafkaError, KafkaException, Producer, TopicPartition
 
 from ledger.errors import LedgerError, ValidationError
-from ledger.machine import Committed, Rejected, Replayed, execute, project_entry, project_rejection
+from ledger.machine import Committed, Rejected, Replayed, execute, project_entry, project_rejection, refuse
 from ledger.model import LogEntry
 from ledger.state import HEAD, LOG, Head, Overlay
 from streams import codecs, metrics
@@ -79,7 +79,7 @@ class PartitionProcessor:
     def open(self) -> None:
         """Fence the previous owner, then catch the store up from the log.
 
-        1. init_transactions() with this partition's transactional.id: any producer of a
+        1. init_transactions() with this partition's transactional ids: any producer of a
            previous owner (a zombie) is fenced, and its open transaction aborted.
         2. Read ledger.committed and ledger.rejected (read_committed) from the positions
            the store recorded, and project what the store does not reflect yet.
@@ -267,8 +267,7 @@ class PartitionProcessor:
         flags = self.settings.numscript_flags
         for request_or_rejection in requests:
             if isinstance(request_or_rejection, Rejected):
-                outcome = request_or_rejection
-                project_rejection(overlay, outcome)
+                outcome = refuse(overlay, request_or_rejection)
             else:
                 outcome = execute(overlay, request_or_rejection, now, flags)
             emissions.append(self._emission(overlay, outcome, result))
@@ -355,17 +354,13 @@ class PartitionProcessor:
         try:
             producer.begin_transaction()
             for topic, ledger, value, request_id in emissions:
+                record = dict(topic=topic, value=value, key=ledger.encode(), partition=self.partition,
+                              on_delivery=delivered, headers=[("request_id", request_id.encode())])
                 try:
-                    producer.produce(
-                        topic, value, ledger.encode(), partition=self.partition,
-                        on_delivery=delivered, headers=[("request_id", request_id.encode())],
-                    )
+                    producer.produce(**record)
                 except BufferError:  # the local queue is full: let deliveries drain, retry
                     producer.poll(0.1)
-                    producer.produce(
-                        topic, value, ledger.encode(), partition=self.partition,
-                        on_delivery=delivered, headers=[("request_id", request_id.encode())],
-                    )
+                    producer.produce(**record)
             producer.commit_transaction(60)  # flushes, and serves the delivery callbacks
             producer.poll(0)
         except KafkaException as exception:

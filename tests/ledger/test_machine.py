@@ -253,3 +253,16 @@ def test_asset_scaling_reads_every_scale_the_account_holds():
     assert ledger.balance("alice", "EUR") == 0 and ledger.balance("alice", "EUR/2") == 0
     too_much = ledger.run(create_transaction_from_json(_script(script)))
     assert isinstance(too_much, Rejected) and too_much.details["available"] == 0
+
+
+def test_a_refusal_decided_before_execute_is_answered_once_per_request_id():
+    """A poison record is redelivered after a crash like any request: its rejection must not
+    appear twice in ledger.rejected."""
+    from ledger.machine import refuse
+
+    ledger = Ledger()
+    overlay = Overlay(ledger.store)
+    refusal = Rejected("ledger.requests/0/17", "main", "INVALID_RECORD", "not a request", {}, 5)
+    assert refuse(overlay, refusal) is refusal
+    again = refuse(overlay, refusal)
+    assert isinstance(again, Replayed) and again.original.code == "INVALID_RECORD"
