@@ -139,10 +139,7 @@ def register(app: faust.App, worker, requests_topic) -> None:
             if store.get((LEDGER, ledger)) is None:
                 return not_found(self, "LEDGER_NOT_FOUND", f"ledger '{ledger}' not found")
             record = store.get((ACCOUNT, ledger, address))
-            volumes = {}
-            prefix_length = len(f"V\x00{ledger}\x00{address}\x00".encode())
-            for key, value in store.scan_keys((VOLUMES, ledger, address)):
-                volumes[key[prefix_length:].decode()] = value
+            volumes = dict(store.scan((VOLUMES, ledger, address)))  # asset -> volumes
             assert record is None or isinstance(record, AccountRecord)
             pit_text = request.query.get("pit")
             pit = None

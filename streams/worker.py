@@ -14,11 +14,10 @@ import os
 from concurrent.futures import ThreadPoolExecutor
 
 import faust
+from confluent_kafka import KafkaException
 from faust.types import TP
 
 from streams import metrics
-from confluent_kafka import KafkaException
-
 from streams.processor import Fenced, PartitionProcessor
 from streams.settings import Settings
 from streams.topics import REQUESTS
