@@ -162,7 +162,7 @@ async def _forward(request: web.Request, path: str, params: dict | None = None) 
     few seconds before the client gets a 503.
     """
     settings = request.app[SETTINGS]
-    urls = [url.strip().rstrip("/") for url in settings.worker_url.split(",") if url.strip()]
+    urls = settings.worker_urls
     deadline = time.monotonic() + settings.query_retry_ms / 1000
     last_error = "no worker configured"
     while True:
@@ -209,7 +209,7 @@ async def list_ledgers(request: web.Request) -> web.Response:
     settings = request.app[SETTINGS]
     rows: dict[str, dict] = {}
     reached = 0
-    for base in [url.strip().rstrip("/") for url in settings.worker_url.split(",") if url.strip()]:
+    for base in settings.worker_urls:
         try:
             async with request.app[HTTP].get(base + "/ledgers") as response:
                 if response.status == 200:

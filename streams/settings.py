@@ -51,5 +51,10 @@ class Settings:
         flag.strip() for flag in _env("STREAMLEDGER_NUMSCRIPT_FLAGS", "").split(",") if flag.strip()))
     log_level: str = field(default_factory=lambda: _env("STREAMLEDGER_LOG_LEVEL", "info"))
 
+    @property
+    def worker_urls(self) -> list[str]:
+        """`worker_url` as a list, without trailing slashes."""
+        return [url.strip().rstrip("/") for url in self.worker_url.split(",") if url.strip()]
+
     def describe(self) -> dict[str, str]:
         return {f.name: str(getattr(self, f.name)) for f in fields(self)}
