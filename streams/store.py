@@ -30,6 +30,7 @@ from ledger.state import (
 
 _SEP = b"\x00"
 _MISSING = object()
+_CACHED_KINDS = frozenset({VOLUMES, HEAD, ACCOUNT, LEDGER})
 _POSITION_PREFIX = b"\xffpos\x00"
 
 
@@ -157,10 +158,12 @@ class PartitionStore:
         path.mkdir(parents=True, exist_ok=True)
         self.path = path
         self._db = Rdict(str(path), options)
-        # Decoded values of recently used keys (balances of active accounts, the head…),
-        # written through on commit. Bounded by entry count; cleared wholesale when full,
-        # which costs one round of RocksDB reads and keeps the hot path free of LRU
-        # bookkeeping. Values are immutable once stored (the core copies before changing).
+        # Decoded values of the small, hot kinds (balances, heads, accounts, ledgers),
+        # read through and written through on commit; other kinds (transactions, log
+        # entries of up to 1000 postings) are never cached, so never stale nor large.
+        # Bounded by entry count; cleared wholesale when full, which costs one round of
+        # RocksDB reads and keeps the hot path free of LRU bookkeeping. Values are
+        # immutable once stored (the core copies before changing).
         self._cache: dict[tuple, object] = {}
         self._cache_entries_max = cache_entries_max
 
@@ -171,7 +174,7 @@ class PartitionStore:
             return value
         raw = self._db.get(encode_key(key))
         value = None if raw is None else decode_value(key[0], raw)
-        if value is not None and key[0] != REQUEST:  # request ids are looked up once
+        if value is not None and key[0] in _CACHED_KINDS:
             if len(cache) >= self._cache_entries_max:
                 cache.clear()
             cache[key] = value
@@ -207,10 +210,8 @@ class PartitionStore:
             kind = key[0]
             if value is None:
                 cache.pop(key, None)
-            elif kind == VOLUMES or kind == HEAD or kind == ACCOUNT or kind == LEDGER:
+            elif kind in _CACHED_KINDS:
                 cache[key] = value
-            else:
-                cache.pop(key, None)  # e.g. a transaction marked reverted: never serve it stale
 
     def scan(self, prefix: tuple, start: bytes | None = None, reverse: bool = False):
         """The core's `Reader.scan`: (last key segment, value) under `prefix`."""
