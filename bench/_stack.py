@@ -62,6 +62,17 @@ def stop_process(proc: subprocess.Popen | None, timeout: float = 20.0) -> None:
         proc.wait(10)
 
 
+def produce(producer, topic: str, value: bytes, key: bytes, *, backoff: float = 0.05, **kwargs) -> None:
+    """Produce one record, waiting for room when the producer's local queue is full."""
+    while True:
+        try:
+            producer.produce(topic, value, key, **kwargs)
+            break
+        except BufferError:
+            producer.poll(backoff)
+    producer.poll(0)
+
+
 def peak_rss_mb(pid: int) -> float | None:
     """VmHWM of a live process in MiB (None once it has exited)."""
     try:

@@ -52,6 +52,7 @@ if str(REPO_ROOT) not in sys.path:
 from confluent_kafka import Consumer, KafkaError, KafkaException, Producer, TopicPartition  # noqa: E402
 
 from bench._stack import Stack, cpu_seconds, peak_rss_mb, stop_process  # noqa: E402
+from bench._stack import produce as produce_one  # noqa: E402
 from ledger.commands import CreateLedger, CreateTransaction, Request  # noqa: E402
 from ledger.limits import postings_per_transaction_max, record_bytes_max  # noqa: E402
 from ledger.model import Posting  # noqa: E402
@@ -180,13 +181,7 @@ class Outcomes:
 
 def produce(producer: Producer, records: list[tuple[bytes, bytes]], timeout: float = 300.0) -> None:
     for key, value in records:
-        while True:
-            try:
-                producer.produce(REQUESTS, value, key)
-                break
-            except BufferError:
-                producer.poll(0.05)
-        producer.poll(0)
+        produce_one(producer, REQUESTS, value, key)
     remaining = producer.flush(timeout)
     if remaining:
         raise TimeoutError(f"{remaining} request records not delivered after {timeout} s")

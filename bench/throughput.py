@@ -63,7 +63,7 @@ if str(REPO_ROOT) not in sys.path:
 
 from confluent_kafka import Consumer, KafkaError, Producer, TopicPartition  # noqa: E402
 
-from bench._stack import Stack, cpu_seconds, peak_rss_mb, spawn, stop_process  # noqa: E402
+from bench._stack import Stack, cpu_seconds, peak_rss_mb, produce, spawn, stop_process  # noqa: E402
 from ledger.commands import CreateLedger, CreateTransaction, Request  # noqa: E402
 from ledger.model import Posting  # noqa: E402
 from streams import codecs  # noqa: E402
@@ -282,15 +282,9 @@ def produce_records(producer: Producer, topic: str, records, *, with_count_heade
     started = None
     for key, value, n in records:
         headers = [("n", str(n).encode())] if with_count_header else None
-        while True:
-            try:
-                if started is None:
-                    started = time.monotonic()
-                producer.produce(topic, value, key, headers=headers)
-                break
-            except BufferError:
-                producer.poll(0.05)
-        producer.poll(0)
+        if started is None:
+            started = time.monotonic()
+        produce(producer, topic, value, key, headers=headers)
     remaining = producer.flush(timeout)
     if remaining:
         raise TimeoutError(f"{remaining} records to {topic} not delivered after {timeout} s")
@@ -490,13 +484,7 @@ def latency_phase(args, stack: Stack, outcomes: Outcomes, ledgers: list[str], pr
             time.sleep(delay)
         else:
             behind_max = max(behind_max, -delay)
-        while True:
-            try:
-                producer.produce(REQUESTS, value, key)
-                break
-            except BufferError:
-                producer.poll(0.01)
-        producer.poll(0)
+        produce(producer, REQUESTS, value, key, backoff=0.01)
         scheduled.append(target)
     sent_done = time.monotonic()
     producer.flush(30)
