@@ -1,8 +1,11 @@
-"""One partition's writer: its RocksDB store, its transactional producer, its recovery.
+"""One partition's state: its RocksDB store, its recovery, and applying its requests.
 
 A `PartitionProcessor` is the single serial writer of every ledger whose key hashes to its
-partition. Everything here is blocking (confluent-kafka and RocksDB calls); the faust
-worker runs it in a thread so the event loop keeps serving queries and heartbeats.
+partition. It applies a batch of request records to an overlay of its store and hands back
+the outcomes to publish; the worker publishes the outcomes of every partition of a round
+in one Kafka transaction (`streams/writer.py`) and only then writes each overlay to its
+store, with the log positions it reflects. Everything here is blocking (RocksDB and
+confluent-kafka calls); the faust worker runs it in a thread.
 """
 
 from __future__ import annotations
@@ -13,7 +16,7 @@ from dataclasses import dataclass, field
 from functools import lru_cache
 from pathlib import Path
 
-from confluent_kafka import Consumer, KafkaError, KafkaException, Producer, TopicPartition
+from confluent_kafka import Consumer, KafkaError, KafkaException, TopicPartition
 
 from ledger.errors import LedgerError, ValidationError
 from ledger.machine import Committed, Rejected, Replayed, execute, project_entry, project_rejection, refuse
@@ -22,7 +25,8 @@ from ledger.state import HEAD, LOG, Head, Overlay
 from streams import codecs, metrics
 from streams.settings import Settings
 from streams.store import PartitionStore, rocksdb_options
-from streams.topics import COMMITTED, REJECTED, REPLIES, REQUESTS, partition_for, producer_config
+from streams.topics import COMMITTED, REJECTED, REPLIES, REQUESTS, partition_for
+from streams.writer import Emission
 
 log = logging.getLogger("streamledger.processor")
 
@@ -31,6 +35,8 @@ log = logging.getLogger("streamledger.processor")
 # many as its postings (entries carry up to 1000): memory stays bounded, and a crash in the
 # middle of a rebuild resumes from the last write.
 _REPLAY_COMMIT_WEIGHT = 20_000
+# Recovery gives up (and is retried) when the log's end does not come closer for this long:
+# e.g. a transaction of a dead worker stays open until the broker aborts it (15 s).
 _REPLAY_STALL_SECONDS = 60
 
 # The rejection code of a record on ledger.requests that is not a request batch at all.
@@ -41,10 +47,6 @@ class LogForked(Exception):
     """The committed log holds two different entries with one id: an operator must look."""
 
 
-class Fenced(Exception):
-    """Another worker took this partition over (its producer fenced ours): stop writing."""
-
-
 @dataclass
 class BatchResult:
     committed: int = 0
@@ -52,41 +54,52 @@ class BatchResult:
     replayed: int = 0
     per_ledger: dict[str, list[int]] = field(default_factory=dict)  # ledger -> [applied, rejected]
 
+    def add(self, other: "BatchResult") -> None:
+        self.committed += other.committed
+        self.rejected += other.rejected
+        self.replayed += other.replayed
+        for ledger, (applied, rejected) in other.per_ledger.items():
+            counts = self.per_ledger.setdefault(ledger, [0, 0])
+            counts[0] += applied
+            counts[1] += rejected
+
+
+@dataclass
+class Applied:
+    """One partition's share of a round: its state changes, what to publish, and the
+    offset of ledger.requests they take the partition to."""
+
+    partition: int
+    overlay: Overlay
+    emissions: list[Emission]
+    next_offset: int
+    result: BatchResult
+
 
 class PartitionProcessor:
-    def __init__(self, settings: Settings, partition: int, clock=time.time) -> None:
+    def __init__(self, settings: Settings, partition: int) -> None:
         self.settings = settings
         self.partition = partition
-        self._clock = clock
         path = Path(settings.data_dir) / settings.app_id / f"partition-{partition:04d}"
         self.store = PartitionStore(
             path, rocksdb_options(settings.rocksdb_block_cache_mb, settings.rocksdb_write_buffer_mb),
             settings.store_cache_entries,
         )
-        # Two transactional producers per partition, used in turn: back to back, one
-        # producer's next transaction waits for the broker to finish writing the previous
-        # one's markers (librdkafka retries CONCURRENT_TRANSACTIONS after ~20 ms); in turn,
-        # that wait overlaps the other's transaction. Measured on this broker: p90 commit
-        # 22-30 ms with one producer, 3-6 ms with two. Both are fenced and re-initialised
-        # together, so they behave as one writer.
-        self.transactional_ids = (f"{settings.app_id}-ledger-{partition}", f"{settings.app_id}-ledger-{partition}-b")
-        self._producers: tuple[Producer, Producer] | None = None
-        self._turn = 0
         self.recovered_entries = 0
+        # The writer epoch this store last caught up in (see `Writer.epoch`).
+        self.epoch = 0
 
     # -- lifecycle -------------------------------------------------------------------
 
-    def open(self) -> None:
-        """Fence the previous owner, then catch the store up from the log.
+    def open(self, epoch: int = 0) -> None:
+        """Catch the store up from the log before anything is applied.
 
-        1. init_transactions() with this partition's transactional ids: any producer of a
-           previous owner (a zombie) is fenced, and its open transaction aborted.
-        2. Read ledger.committed and ledger.rejected (read_committed) from the positions
-           the store recorded, and project what the store does not reflect yet.
-        Only then does the worker apply new requests of this partition.
+        Reads ledger.committed and ledger.rejected (read_committed) from the positions the
+        store recorded to their high watermarks, and projects what the store does not
+        reflect yet; a transaction still open on them (a previous owner's) is waited for.
         """
         started = time.monotonic()
-        self._ensure_producer()
+        self.catch_up(epoch)
         seconds = time.monotonic() - started
         log.info(
             "partition %d ready: replayed %d log records in %.2fs",
@@ -94,25 +107,12 @@ class PartitionProcessor:
             extra={"partition": self.partition, "replayed": self.recovered_entries, "seconds": round(seconds, 3)},
         )
 
-    def close(self) -> None:
-        if self._producers is not None:
-            for producer in self._producers:
-                producer.flush(5)
-            self._producers = None
-        self.store.close()
+    def catch_up(self, epoch: int) -> None:
+        self.recovered_entries = self.recover()
+        self.epoch = epoch
 
-    def _new_producer(self, transactional_id: str) -> Producer:
-        producer = Producer(producer_config(
-            self.settings.bootstrap_servers,
-            **{
-                "transactional.id": transactional_id,
-                "linger.ms": 0,
-                "compression.type": "lz4",
-                "transaction.timeout.ms": 60_000,
-            },
-        ))
-        producer.init_transactions(30)
-        return producer
+    def close(self) -> None:
+        self.store.close()
 
     # -- recovery ----------------------------------------------------------------------
 
@@ -128,21 +128,35 @@ class PartitionProcessor:
         return replayed
 
     def _catch_up(self, topic: str) -> int:
-        """Replay `topic` from the store's recorded position to its end.
+        """Replay `topic` from the store's recorded position to its high watermark.
 
+        The end is the high watermark (read_uncommitted), not the last stable offset: a
+        transaction still open on the partition (a previous owner's, whose offsets the
+        group may have accepted) is waited for until it commits (its entries are replayed)
+        or aborts, so nothing committed after this catch-up can precede what we apply.
         Progress is written every `_REPLAY_COMMIT_WEIGHT` postings (state and position in
         one write batch, as always), so a rebuild's memory stays bounded and a crash in
         the middle of one resumes where it stopped.
         """
         start = self.store.position(topic) or 0
-        consumer = Consumer({
+        common = {
             "bootstrap.servers": self.settings.bootstrap_servers,
             "group.id": f"{self.settings.app_id}-recovery",
             "enable.auto.commit": False,
-            "isolation.level": "read_committed",
-            "enable.partition.eof": True,
-            "auto.offset.reset": "earliest",
             "socket.nagle.disable": True,
+        }
+        partition = TopicPartition(topic, self.partition)
+        probe = Consumer({**common, "isolation.level": "read_uncommitted"})
+        try:
+            low, high = probe.get_watermark_offsets(partition, timeout=10, cached=False)
+        finally:
+            probe.close()
+        if high <= start:
+            return 0
+        consumer = Consumer({
+            **common,
+            "isolation.level": "read_committed",
+            "auto.offset.reset": "earliest",
             # A log entry of a 1000-posting transaction is ~150 KB: bound what librdkafka
             # prefetches and what one consume() call hands over, or a rebuild holds
             # hundreds of megabytes of records at once.
@@ -152,22 +166,16 @@ class PartitionProcessor:
         count = 0
         label = str(self.partition)
         try:
-            partition = TopicPartition(topic, self.partition)
-            low, high = consumer.get_watermark_offsets(partition, timeout=10)
-            if high <= start:
-                return 0
             consumer.assign([TopicPartition(topic, self.partition, max(start, low))])
             overlay = Overlay(self.store)
             position = start
             pending = 0
             progress_at, last_fetched = time.monotonic(), -1
-            while position < high:
-                done = False
+            while True:
                 for message in consumer.consume(200, timeout=0.05):
                     error = message.error()
                     if error is not None:
                         if error.code() == KafkaError._PARTITION_EOF:
-                            done = True
                             continue
                         raise KafkaException(error)
                     pending += self._replay_record(overlay, topic, message.value())
@@ -180,9 +188,9 @@ class PartitionProcessor:
                     log.info("partition %d: replayed %d records of %s", self.partition, count, topic,
                              extra={"partition": self.partition, "replayed": count, "topic": topic})
                 # The end may be a transaction marker, which is never delivered: the
-                # consumer's position moves past it, or the partition reports its end.
+                # consumer's position moves past it once the transaction is resolved.
                 fetched = consumer.position([partition])[0].offset
-                if done or fetched >= high:
+                if position >= high or fetched >= high:
                     # The recorded position stays just past the last record replayed, as
                     # the live path records it, so a rebuilt store equals the live one.
                     break
@@ -194,7 +202,8 @@ class PartitionProcessor:
                     # and let the caller retry with backoff.
                     raise KafkaException(KafkaError(
                         KafkaError._TIMED_OUT,
-                        f"recovery of {topic}[{self.partition}] made no progress for {_REPLAY_STALL_SECONDS}s",
+                        f"recovery of {topic}[{self.partition}] made no progress for {_REPLAY_STALL_SECONDS}s "
+                        f"(at {fetched}, end {high}: a transaction left open?)",
                     ))
             self.store.commit(overlay.writes(), {topic: max(position, start)})
             metrics.recovery_replayed.labels(label).set(count)
@@ -224,75 +233,65 @@ class PartitionProcessor:
 
     # -- the write path ----------------------------------------------------------------
 
-    def process(self, payloads: list[tuple[int, bytes | None, bytes | None]]) -> BatchResult:
-        """Apply a batch of `ledger.requests` record values and emit their outcomes.
+    def decode(self, payloads: list[tuple[int, bytes | None, bytes | None]], now: int) -> list[tuple[int, list]]:
+        """(offset, requests or refusals) of each request record, in order."""
+        return [(offset, self._decode(offset, key, value, now)) for offset, key, value in payloads]
 
-        The order of a commit (check crash cases one by one):
-          1. apply every request to an in-memory overlay of the store (pure, no I/O
-             but store reads);
-          2. begin a Kafka transaction; produce log entries to ledger.committed,
-             rejections to ledger.rejected, other answers to ledger.replies;
-          3. commit the Kafka transaction (flushes; a crash before this aborts it, and
-             the requests are redelivered and applied again from the unchanged store);
-          4. write the overlay and the new log positions to RocksDB in one write batch
-             (a crash before this leaves the store behind the log; recovery replays the
-             missing entries from the recorded position);
-          5. faust commits the consumer offsets of the requests later (a crash before
-             that redelivers requests, which are recognised by request id).
+    def apply(self, records: list[tuple[int, list]], now: int) -> Applied:
+        """Apply a round's request records of this partition to an overlay of the store.
+
+        Pure but for store reads. The worker then, in this order (check crash cases one
+        by one):
+          1. publishes the outcomes of every partition of the round, with the requests'
+             offsets, in one Kafka transaction (a crash before its commit aborts it; the
+             requests are redelivered and applied again from the unchanged store);
+          2. writes each overlay and the log positions it reflects to RocksDB in one write
+             batch (`commit`; a crash before this leaves the store behind the log, and
+             recovery replays the missing entries from the recorded position).
+        A request redelivered anyway (its offset commit lost in a rebalance, or produced
+        twice) is recognised by its request id and answered with its first outcome.
         """
-        now = int(self._clock() * 1_000_000)
-        decoded = [item for offset, key, value in payloads for item in self._decode(offset, key, value, now)]
-        result = BatchResult()
-        # Records carry up to thousands of requests each, and requests up to a thousand
-        # postings: bound each Kafka transaction (and the overlay's memory) by requests
-        # and by postings, not by records.
-        chunk: list = []
-        postings = 0
-        for item in decoded:
-            weight = _postings_of(item)
-            if chunk and (len(chunk) >= self.settings.batch_requests_max
-                          or postings + weight > self.settings.batch_postings_max):
-                self._apply_and_commit(chunk, now, result)
-                chunk, postings = [], 0
-            chunk.append(item)
-            postings += weight
-        if chunk:
-            self._apply_and_commit(chunk, now, result)
-        return result
-
-    def _apply_and_commit(self, requests: list, now: int, result: BatchResult) -> None:
-        self._ensure_producer()  # before applying: a new producer epoch catches up first
         overlay = Overlay(self.store)
-        emissions: list[tuple[str, str, bytes, str]] = []  # topic, ledger, value, request id
+        result = BatchResult()
+        emissions: list[Emission] = []
         flags = self.settings.numscript_flags
-        for request_or_rejection in requests:
-            if isinstance(request_or_rejection, Rejected):
-                outcome = refuse(overlay, request_or_rejection)
-            else:
-                outcome = execute(overlay, request_or_rejection, now, flags)
-            emissions.append(self._emission(overlay, outcome, result))
-        positions = self._emit(emissions)
-        self.store.commit(overlay.writes(), positions)
+        for _offset, items in records:
+            for request_or_rejection in items:
+                if isinstance(request_or_rejection, Rejected):
+                    outcome = refuse(overlay, request_or_rejection)
+                else:
+                    outcome = execute(overlay, request_or_rejection, now, flags)
+                emissions.append(self._emission(overlay, outcome, result))
+        return Applied(self.partition, overlay, emissions, records[-1][0] + 1, result)
 
-    def _emission(self, overlay: Overlay, outcome, result: BatchResult) -> tuple[str, str, bytes, str]:
+    def commit(self, applied: Applied, written: dict[tuple[str, int], int]) -> None:
+        """Write a round's overlay once its transaction committed, with the positions of
+        ledger.committed / ledger.rejected it reflects."""
+        positions = {topic: written[(topic, self.partition)]
+                     for topic in (COMMITTED, REJECTED) if (topic, self.partition) in written}
+        self.store.commit(applied.overlay.writes(), positions)
+
+    def _emission(self, overlay: Overlay, outcome, result: BatchResult) -> Emission:
         if isinstance(outcome, Replayed):
             result.replayed += 1
             kind = codecs.REPLY_IDEMPOTENCY_HIT if outcome.idempotency_hit else codecs.REPLY_REDELIVERED
             value = codecs.encode_reply(outcome.request_id, outcome.ledger, kind, self._original(overlay, outcome))
-            return REPLIES, outcome.ledger, value, outcome.request_id
+            return Emission(REPLIES, self.partition, outcome.ledger.encode(), value, outcome.request_id)
         if outcome.dry_run:
             original = outcome.entry if isinstance(outcome, Committed) else outcome
             ledger = _ledger_of(outcome)
             value = codecs.encode_reply(outcome.request_id, ledger, codecs.REPLY_DRY_RUN, original)
-            return REPLIES, ledger, value, outcome.request_id
+            return Emission(REPLIES, self.partition, ledger.encode(), value, outcome.request_id)
         counts = result.per_ledger.setdefault(_ledger_of(outcome), [0, 0])
         if isinstance(outcome, Committed):
             result.committed += 1
             counts[0] += 1
-            return COMMITTED, outcome.entry.ledger, codecs.encode_log_entry(outcome.entry), outcome.request_id
+            return Emission(COMMITTED, self.partition, outcome.entry.ledger.encode(),
+                            codecs.encode_log_entry(outcome.entry), outcome.request_id)
         result.rejected += 1
         counts[1] += 1
-        return REJECTED, outcome.ledger, codecs.encode_rejection(outcome), outcome.request_id
+        return Emission(REJECTED, self.partition, outcome.ledger.encode(),
+                        codecs.encode_rejection(outcome), outcome.request_id)
 
     @staticmethod
     def _original(overlay: Overlay, replayed: Replayed) -> LogEntry | Rejected:
@@ -337,75 +336,10 @@ class PartitionProcessor:
                 ))
         return decoded
 
-    def _emit(self, emissions: list[tuple[str, str, bytes, str]]) -> dict[str, int]:
-        """Produce the batch's records in one Kafka transaction; -> next offset per topic."""
-        if not emissions:
-            return {}
-        assert self._producers is not None, "a batch is applied only with caught-up producers"
-        producer = self._producers[self._turn]
-        self._turn ^= 1
-        offsets: dict[str, int] = {}
 
-        def delivered(error, message) -> None:
-            if error is None:
-                topic = message.topic()
-                offsets[topic] = max(offsets.get(topic, 0), message.offset() + 1)
-
-        try:
-            producer.begin_transaction()
-            for topic, ledger, value, request_id in emissions:
-                record = dict(topic=topic, value=value, key=ledger.encode(), partition=self.partition,
-                              on_delivery=delivered, headers=[("request_id", request_id.encode())])
-                try:
-                    producer.produce(**record)
-                except BufferError:  # the local queue is full: let deliveries drain, retry
-                    producer.poll(0.1)
-                    producer.produce(**record)
-            producer.commit_transaction(60)  # flushes, and serves the delivery callbacks
-            producer.poll(0)
-        except KafkaException as exception:
-            error = exception.args[0] if exception.args else None
-            if isinstance(error, KafkaError) and error.fatal():
-                # Fenced: a newer owner initialised our transactional ids. Re-initialising
-                # would fence it back (two zombies fighting), so this processor stops here.
-                self._producers = None
-                raise Fenced(f"partition {self.partition}: {error}") from exception
-            # Anything else (a timeout, a broker restart, an abortable error): this batch
-            # is not in the log. Abort, start over with a new producer (a late commit or
-            # abort of the old transaction must not land on a later one), and let the
-            # caller retry the batch from the unchanged store.
-            self._reset_producers(producer)
-            raise
-        offsets.pop(REPLIES, None)  # replies are not replayed: no position to keep
-        return offsets
-
-    def _reset_producers(self, failed: Producer) -> None:
-        """Abort the open transaction and drop both producers; new ones are created (and
-        the store caught up) lazily by the next batch, so a broker that is down makes the
-        retry wait, not this call."""
-        self._producers = None
-        try:
-            failed.abort_transaction(10)
-        except KafkaException as error:
-            log.warning("partition %d: abort failed (%s); re-initialising", self.partition, error)
-
-    def _ensure_producer(self) -> None:
-        """The partition's producers; new ones fence every older one, and then the store
-        catches up from the log before anything is applied.
-
-        The invariant that keeps the log gapless under zombies: each producer epoch writes
-        only after reading everything committed before it was initialised. A previous
-        owner (or this worker's own producers before a reset) can commit nothing after
-        that initialisation, so what we apply starts from the log's true head. A stale
-        worker that re-initialises may steal the partition back for a moment, but it too
-        catches up first: the cost is availability, never a fork. Both transactional ids
-        are always initialised together: an owner holding either could still commit.
-        """
-        if self._producers is None:
-            producers = tuple(self._new_producer(tid) for tid in self.transactional_ids)
-            self.recovered_entries = self.recover()
-            self._producers = producers  # type: ignore[assignment]
-            self._turn = 0
+def weight(items: list) -> tuple[int, int]:
+    """(requests, postings) of a decoded record: what bounds a round."""
+    return len(items), sum(_postings_of(item) for item in items)
 
 
 def _postings_of(item) -> int:

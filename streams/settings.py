@@ -26,6 +26,11 @@ class Settings:
     worker_advertised_host: str = field(default_factory=lambda: _env(
         "STREAMLEDGER_WORKER_ADVERTISED_HOST", _env("STREAMLEDGER_WORKER_HOST", "127.0.0.1")))
     worker_port: int = field(default_factory=lambda: int(_env("STREAMLEDGER_WORKER_PORT", "6066")))
+    # The worker's identity, stable across its restarts and unique in the group: its
+    # transactional id (a restart fences and aborts what its previous incarnation left open).
+    worker_id: str = field(default_factory=lambda: _env("STREAMLEDGER_WORKER_ID", "%s:%s" % (
+        _env("STREAMLEDGER_WORKER_ADVERTISED_HOST", _env("STREAMLEDGER_WORKER_HOST", "127.0.0.1")),
+        _env("STREAMLEDGER_WORKER_PORT", "6066"))))
     # Comma-separated: the gateway tries each in turn (any worker forwards to the owner).
     worker_url: str = field(default_factory=lambda: _env("STREAMLEDGER_WORKER_URL", "http://127.0.0.1:6066"))
     # Reads that find no worker able to answer (down, partition moving) retry this long.
