@@ -494,7 +494,9 @@ def _project_transaction(state: Overlay, entry: LogEntry, raw: dict, account_met
     raw["insertedAt"] = format_rfc3339(entry.date)
     if _effective_volumes_enabled(state, ledger):
         effective = _project_effective(state, ledger, transaction, post_commit)
-        raw["postCommitEffectiveVolumes"] = volumes_json(effective)
+        # Not back-dated (the common case): the same volumes, rendered once.
+        raw["postCommitEffectiveVolumes"] = (
+            raw["postCommitVolumes"] if effective is post_commit else volumes_json(effective))
 
 
 def _effective_volumes_enabled(state: Overlay, ledger: str) -> bool:
@@ -518,16 +520,18 @@ def _project_effective(
     head = _head(state, ledger)
     moment = effective_moment(transaction.timestamp, transaction.id)
     latest = head.max_timestamp is None or transaction.timestamp >= head.max_timestamp
+    if latest:  # the last move of each of its accounts: its insertion volumes
+        for account, by_asset in post_commit.items():
+            for asset, volumes in by_asset.items():
+                state.put((EFFECTIVE, ledger, account, asset, moment), volumes)
+        return post_commit
     deltas: dict[tuple[str, str], list[int]] = {}
     for posting in transaction.postings:
         deltas.setdefault((posting.source, posting.asset), [0, 0])[1] += posting.amount
         deltas.setdefault((posting.destination, posting.asset), [0, 0])[0] += posting.amount
     effective: dict[str, dict[str, Volumes]] = {}
     for (account, asset), (input_delta, output_delta) in deltas.items():
-        if latest:
-            volumes = post_commit[account][asset]
-        else:
-            volumes = _insert_back_dated(state, (EFFECTIVE, ledger, account, asset), moment, input_delta, output_delta)
+        volumes = _insert_back_dated(state, (EFFECTIVE, ledger, account, asset), moment, input_delta, output_delta)
         state.put((EFFECTIVE, ledger, account, asset, moment), volumes)
         effective.setdefault(account, {})[asset] = volumes
     return effective
