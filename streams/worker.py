@@ -440,17 +440,6 @@ def create_app(settings: Settings | None = None) -> faust.App:
             return None
         return group_metadata(coordinator.group_id, generation, member, coordinator._group_instance_id)  # noqa: SLF001
 
-    def note_committed(offsets: dict[int, int]) -> None:
-        """Tell faust these offsets are committed (by our transactions): it commits only
-        offsets beyond them, and acknowledged requests never go beyond, so faust never
-        commits ledger.requests itself (a late commit of its own could move one back)."""
-        committed = app.consumer._committed_offset  # noqa: SLF001 (faust internals)
-        for partition, offset in offsets.items():
-            tp = TP(REQUESTS, partition)
-            current = committed.get(tp)
-            if current is None or offset > current:
-                committed[tp] = offset
-
     worker = Worker(settings, owns, group)
     app.streamledger_worker = worker  # type: ignore[attr-defined]
     app.streamledger_settings = settings  # type: ignore[attr-defined]
@@ -520,11 +509,10 @@ def create_app(settings: Settings | None = None) -> faust.App:
                 committed, skipped = await worker.process(
                     {p: records for p, (_generation, records) in by_partition.items()},
                     current=lambda p: fetcher.current(p, generations[p]))
+                # Skipped partitions moved to another worker, or their round was refused:
+                # whoever owns them reads them again from the committed offset.
                 if skipped:
                     await worker.rewind(skipped)
-                # Skipped partitions moved to another worker (or the group refused the
-                # round): their owner reads them again from the committed offset.
-                note_committed(committed)
                 for partition, offset in committed.items():
                     lag = fetcher.lag(partition, offset)
                     if lag is not None:
