@@ -27,7 +27,10 @@ transaction per partition, which is what bounded the worker at low rates.
 from __future__ import annotations
 
 import logging
+import os
 import struct
+import threading
+import time
 from concurrent.futures import ThreadPoolExecutor
 from concurrent.futures import TimeoutError as FutureTimeout
 from dataclasses import dataclass
@@ -53,6 +56,12 @@ _GROUP_MOVED = frozenset({
 # bounded by this; when it does not return, the producer is abandoned (never touched or
 # freed again: its thread is still inside it) and new ones fence it.
 _SEND_OFFSETS_TIMEOUT_S = 10.0
+
+# A transaction that has not ended after this long is stuck somewhere no timeout reaches
+# (every call in it is bounded well below): the worker exits, so its partitions move to a
+# live worker and a restart fences what it left open. faust's max.poll.interval does not
+# cover rounds, which run beside its consumer.
+_STUCK_TRANSACTION_S = 180.0
 
 # A transaction open longer than this is aborted by the broker: it bounds how long a new
 # owner waits for the transaction of a worker that died in the middle of one.
@@ -111,9 +120,14 @@ class Writer:
         self.epoch = 0
         self._helper = ThreadPoolExecutor(1, thread_name_prefix="send-offsets")
         self._abandoned: list[Producer] = []  # stuck in librdkafka: kept alive, never used
+        self._began: float | None = None  # monotonic time the open transaction began
+        self._watchdog: threading.Thread | None = None
 
     def ensure(self) -> int:
         """Create (and initialise) the producers if needed; -> the current epoch."""
+        if self._watchdog is None:
+            self._watchdog = threading.Thread(target=self._watch, name="txn-watchdog", daemon=True)
+            self._watchdog.start()
         if self._producers is None:
             self._producers = tuple(self._new_producer(tid) for tid in self.transactional_ids)  # type: ignore[assignment]
             self._turn = 0
@@ -154,6 +168,7 @@ class Writer:
                 key = (message.topic(), message.partition())
                 written[key] = max(written.get(key, 0), message.offset() + 1)
 
+        self._began = time.monotonic()
         try:
             producer.begin_transaction()
             for e in emissions:
@@ -188,7 +203,19 @@ class Writer:
             self._abort(producer)
             self._producers = None
             raise
+        finally:
+            self._began = None
         return {key: offset for key, offset in written.items() if key[0] != REPLIES}
+
+    def _watch(self) -> None:
+        while True:
+            time.sleep(5)
+            began = self._began
+            if began is not None and time.monotonic() - began > _STUCK_TRANSACTION_S:
+                log.critical("a Kafka transaction has not ended after %.0fs; exiting so the partitions "
+                             "move on (a restart fences it)", _STUCK_TRANSACTION_S)
+                logging.shutdown()
+                os._exit(70)
 
     def _send_offsets(self, producer: Producer, offsets: list[TopicPartition], metadata: bytes) -> None:
         future = self._helper.submit(producer.send_offsets_to_transaction, offsets, metadata, _SEND_OFFSETS_TIMEOUT_S)
