@@ -1,0 +1,142 @@
+"""The two halves of zombie fencing with one transaction per round, against the broker.
+
+(i)  A round whose offsets carry a group generation the group has left behind is refused
+     by the group coordinator: `Writer.commit` raises GroupMoved and nothing of the round
+     is visible to a read_committed reader; the same round with the current member's
+     metadata commits.
+(ii) A new owner's catch-up runs to the high watermark: a transaction left open on the
+     partition (records flushed, not yet committed) is waited for — its entries are
+     replayed if it commits, skipped if it aborts — instead of being overtaken.
+
+Own topic names (uuid), so the suite's worker never sees these records.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import threading
+import time
+import uuid
+
+import pytest
+from confluent_kafka import Consumer, KafkaError, Producer, TopicPartition
+from confluent_kafka.admin import AdminClient, NewTopic
+
+from ledger.commands import CreateLedger, Request
+from ledger.machine import execute
+from ledger.state import LEDGER, MemoryStore, Overlay
+from streams import codecs
+from streams.processor import PartitionProcessor
+from streams.settings import Settings
+from streams.topics import producer_config
+from streams.writer import Emission, GroupMoved, Writer
+
+pytestmark = pytest.mark.integration
+
+
+def _topics(bootstrap: str, *names: str) -> None:
+    admin = AdminClient({"bootstrap.servers": bootstrap})
+    for future in admin.create_topics([NewTopic(name, 1, 1) for name in names]).values():
+        future.result(30)
+
+
+def _visible(bootstrap: str, topic: str) -> list[bytes]:
+    consumer = Consumer({"bootstrap.servers": bootstrap, "group.id": uuid.uuid4().hex,
+                         "isolation.level": "read_committed", "enable.partition.eof": True})
+    consumer.assign([TopicPartition(topic, 0, 0)])
+    values: list[bytes] = []
+    try:
+        deadline = time.monotonic() + 20
+        while time.monotonic() < deadline:
+            message = consumer.poll(0.5)
+            if message is None:
+                continue
+            if message.error() is not None:
+                if message.error().code() == KafkaError._PARTITION_EOF:
+                    break
+                raise AssertionError(message.error())
+            values.append(message.value())
+    finally:
+        consumer.close()
+    return values
+
+
+def _member(bootstrap: str, group: str, topic: str, **conf) -> Consumer:
+    consumer = Consumer({"bootstrap.servers": bootstrap, "group.id": group, "enable.auto.commit": False,
+                         "session.timeout.ms": 6000, **conf})
+    consumer.subscribe([topic])
+    deadline = time.monotonic() + 30
+    while not consumer.assignment():
+        consumer.poll(0.2)
+        assert time.monotonic() < deadline, "no assignment"
+    return consumer
+
+
+def test_a_round_with_a_stale_generation_is_refused_and_invisible(kafka_bootstrap, monkeypatch):
+    requests, outcomes = f"fence-in-{uuid.uuid4().hex[:8]}", f"fence-out-{uuid.uuid4().hex[:8]}"
+    _topics(kafka_bootstrap, requests, outcomes)
+    monkeypatch.setattr("streams.writer.REQUESTS", requests)
+    group = f"fence-{uuid.uuid4().hex[:8]}"
+    # The zombie-to-be: a member that stops polling and is dropped from the group.
+    zombie = _member(kafka_bootstrap, group, requests, **{"max.poll.interval.ms": 6000})
+    stale = zombie.consumer_group_metadata()
+    successor = _member(kafka_bootstrap, group, requests)  # joins; the zombie never polls again
+    deadline = time.monotonic() + 40
+    while successor.consumer_group_metadata()[7:11] == stale[7:11]:  # generation bytes
+        successor.poll(0.2)
+        assert time.monotonic() < deadline, "the group did not move on"
+
+    writer = Writer(kafka_bootstrap, f"fence-{uuid.uuid4().hex[:8]}")
+    try:
+        writer.ensure()
+        round_ = [Emission(outcomes, 0, b"k", b"from the zombie", "r1")]
+        with pytest.raises(GroupMoved):
+            writer.commit(round_, {0: 1}, stale)
+        assert _visible(kafka_bootstrap, outcomes) == []
+        # The same writer, with the member the group knows now, commits.
+        writer.commit([Emission(outcomes, 0, b"k", b"from the owner", "r2")], {0: 1},
+                      successor.consumer_group_metadata())
+        assert _visible(kafka_bootstrap, outcomes) == [b"from the owner"]
+    finally:
+        writer.close()
+        successor.close()
+        zombie.close()
+
+
+@pytest.mark.parametrize("resolution", ["commit", "abort"])
+def test_catch_up_waits_for_a_transaction_left_open(kafka_bootstrap, tmp_path, resolution):
+    topic = f"fence-log-{uuid.uuid4().hex[:8]}"
+    _topics(kafka_bootstrap, topic)
+    entry = execute(Overlay(MemoryStore()), Request("c-1", "fenced", CreateLedger()), 1).entry
+    previous_owner = Producer(producer_config(kafka_bootstrap, transactional_id=f"prev-{uuid.uuid4().hex[:8]}"))
+    previous_owner.init_transactions(30)
+    previous_owner.begin_transaction()
+    previous_owner.produce(topic, codecs.encode_log_entry(entry), b"fenced", partition=0)
+    assert previous_owner.flush(30) == 0  # on the leader, transaction still open
+    delay = 3.0
+
+    def resolve() -> None:
+        time.sleep(delay)
+        if resolution == "commit":
+            previous_owner.commit_transaction(30)
+        else:
+            previous_owner.abort_transaction(30)
+
+    settings = dataclasses.replace(Settings(), bootstrap_servers=kafka_bootstrap, data_dir=tmp_path)
+    processor = PartitionProcessor(settings, 0)
+    resolver = threading.Thread(target=resolve)
+    try:
+        started = time.monotonic()
+        resolver.start()
+        replayed = processor._catch_up(topic)
+        waited = time.monotonic() - started
+        assert waited >= delay - 0.5, f"the catch-up overtook an open transaction ({waited:.2f}s)"
+        if resolution == "commit":
+            assert replayed == 1
+            assert processor.store.get((LEDGER, "fenced")) is not None
+        else:
+            assert replayed == 0
+            assert processor.store.get((LEDGER, "fenced")) is None
+    finally:
+        resolver.join()
+        processor.close()
