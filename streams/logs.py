@@ -10,6 +10,7 @@ import json
 import logging
 import os
 import time
+from typing import NoReturn
 
 _STANDARD = set(vars(logging.makeLogRecord({})))
 
@@ -37,6 +38,14 @@ def handler() -> logging.Handler:
     else:
         stream.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s %(message)s"))
     return stream
+
+
+def exit_process(logger: logging.Logger, message: str, *args, exc_info: bool = False) -> NoReturn:
+    """Log critically and exit with code 70 at once, without unwinding: for a worker that
+    must stop writing now (its offsets are not committed; a restart recovers from the log)."""
+    logger.critical(message, *args, exc_info=exc_info)
+    logging.shutdown()
+    os._exit(70)
 
 
 def configure(level: str) -> None:

@@ -14,7 +14,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import os
 import time
 from concurrent.futures import ThreadPoolExecutor
 
@@ -23,7 +22,8 @@ from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaError, KafkaExcepti
 from faust.types import TP
 
 from streams import metrics
-from streams.processor import BatchResult, LogForked, PartitionProcessor, weight
+from streams.logs import exit_process
+from streams.processor import BatchResult, PartitionProcessor, weight
 from streams.settings import Settings
 from streams.topics import REQUESTS
 from streams.writer import Fenced, GroupMoved, Writer, group_metadata
@@ -51,7 +51,6 @@ class RequestFetcher:
     """
 
     def __init__(self, settings: Settings) -> None:
-        self.settings = settings
         self.consumer = Consumer({
             "bootstrap.servers": settings.bootstrap_servers,
             "group.id": settings.app_id,  # faust's group: its committed offsets; never joined
@@ -222,9 +221,7 @@ class Worker:
                 return
             except NotOwned:
                 return  # revoked again before its turn
-            except (KafkaException, LogForked) as error:
-                if isinstance(error, LogForked):
-                    raise
+            except KafkaException as error:  # a LogForked propagates: the operator must look
                 metrics.batch_retries.inc()
                 log.warning("partition %d: taking it over failed (%s); retrying in %.1fs", partition, error, delay)
                 await asyncio.sleep(delay)
@@ -370,13 +367,10 @@ class Worker:
 
 
 def _unacknowledge(events) -> None:
-    """Keep faust from ever committing offsets of requests this worker did not apply.
-
-    take_events acknowledges every event of a batch when the batch's body returns. For a
-    partition that moved away mid-batch, that acknowledgement would linger in faust's
-    bookkeeping and could be committed if the partition came back here — past requests
-    nobody applied. Marking the messages as already acknowledged turns faust's ack into a
-    no-op; the new owner gets them redelivered from the last committed offset.
+    """Keep faust from ever committing offsets of ledger.requests: the round's transaction
+    commits them. take_events acknowledges every event of a batch when the batch's body
+    returns; marking the messages as already acknowledged turns that ack into a no-op, so
+    nothing faust fetched before its fetching was paused enters its commit bookkeeping.
     """
     for event in events:
         message = event.message
@@ -411,8 +405,9 @@ def create_app(settings: Settings | None = None) -> faust.App:
         processing_guarantee="at_least_once",
         broker_session_timeout=settings.session_timeout_ms / 1000,
         broker_heartbeat_interval=0.5,
-        # A worker whose agent is stuck this long leaves the group, so its partitions move
-        # on (aiokafka's default is 5 minutes). Recovery of a large store fits well within.
+        # faust's consumer leaves the group when its loop is stuck this long (aiokafka's
+        # default is 5 minutes). Rounds run beside it: a stuck transaction is the
+        # writer's watchdog's business (streams/writer.py).
         broker_max_poll_interval=settings.max_poll_interval_ms / 1000,
         web_enabled=True,
         web_bind=settings.worker_host,
@@ -479,9 +474,7 @@ def create_app(settings: Settings | None = None) -> faust.App:
         try:
             await worker.attach(partition)
         except Exception:  # LogForked or a bug: the operator must look
-            log.critical("taking over partition %d failed; exiting", partition, exc_info=True)
-            logging.shutdown()
-            os._exit(70)
+            exit_process(log, "taking over partition %d failed; exiting", partition, exc_info=True)
 
     @app.agent(requests_topic)
     async def requests_membership(stream):
@@ -518,17 +511,13 @@ def create_app(settings: Settings | None = None) -> faust.App:
                     if lag is not None:
                         metrics.consumer_lag.labels(str(partition)).set(lag)
             except Fenced as error:
-                log.critical("this worker's transactional id was taken over (%s): another process runs "
-                             "with STREAMLEDGER_WORKER_ID=%s? exiting", error, settings.worker_id)
-                logging.shutdown()
-                os._exit(70)
+                exit_process(log, "this worker's transactional id was taken over (%s): another process "
+                             "runs with STREAMLEDGER_WORKER_ID=%s? exiting", error, settings.worker_id)
             except Exception:
                 # A bug or a store failure, never an operating error (those are outcomes
                 # or retried). Crash now: the restarted worker recovers from the log and
                 # reads the requests after the last committed offsets again.
-                log.critical("unexpected failure applying a round; exiting", exc_info=True)
-                logging.shutdown()
-                os._exit(70)
+                exit_process(log, "unexpected failure applying a round; exiting", exc_info=True)
 
     @app.on_before_shutdown.connect
     async def _shutdown(app_: faust.App, **_kwargs) -> None:

@@ -27,7 +27,6 @@ transaction per partition, which is what bounded the worker at low rates.
 from __future__ import annotations
 
 import logging
-import os
 import struct
 import threading
 import time
@@ -37,6 +36,7 @@ from dataclasses import dataclass
 
 from confluent_kafka import KafkaError, KafkaException, Producer, TopicPartition
 
+from streams.logs import exit_process
 from streams.topics import REPLIES, REQUESTS, producer_config
 
 log = logging.getLogger("streamledger.writer")
@@ -212,10 +212,8 @@ class Writer:
             time.sleep(5)
             began = self._began
             if began is not None and time.monotonic() - began > _STUCK_TRANSACTION_S:
-                log.critical("a Kafka transaction has not ended after %.0fs; exiting so the partitions "
+                exit_process(log, "a Kafka transaction has not ended after %.0fs; exiting so the partitions "
                              "move on (a restart fences it)", _STUCK_TRANSACTION_S)
-                logging.shutdown()
-                os._exit(70)
 
     def _send_offsets(self, producer: Producer, offsets: list[TopicPartition], metadata: bytes) -> None:
         future = self._helper.submit(producer.send_offsets_to_transaction, offsets, metadata, _SEND_OFFSETS_TIMEOUT_S)
