@@ -399,6 +399,8 @@ def create_app(settings: Settings | None = None) -> faust.App:
         settings.app_id,
         broker=f"kafka://{settings.bootstrap_servers}",
         store="memory://",
+        # faust's own data folder (it keeps no tables here; default: ./{app_id}-data)
+        datadir=str(settings.data_dir / "faust"),
         autodiscover=False,
         topic_partitions=settings.partitions,
         consumer_auto_offset_reset="earliest",
