@@ -22,7 +22,7 @@ from ledger.commands import Request
 from ledger.machine import Committed, Rejected
 from streams import codecs
 from streams.settings import Settings
-from streams.topics import COMMITTED, REJECTED, REPLIES, REQUESTS, producer_config
+from streams.topics import COMMITTED, REJECTED, REPLIES, REQUESTS, consume_available, producer_config
 
 log = logging.getLogger("streamledger.gateway")
 
@@ -173,7 +173,7 @@ class RequestsClient:
             consumer.assign(assignment)
             self._ready.set()
             while not self._stop.is_set():
-                for message in consumer.consume(1000, timeout=0.1):
+                for message in consume_available(consumer, 1000, 0.1):
                     if message.error() is None:
                         positions[(message.topic(), message.partition())] = message.offset() + 1
                         self._dispatch(message)
