@@ -175,7 +175,8 @@ class Stack:
                     self.kafka.stop()
             finally:
                 self.kafka = None
-                if not keep_logs:
+                # BENCH_KEEP_LOGS=1 keeps the temp dir (worker and broker logs) of a good run too.
+                if not keep_logs and os.environ.get("BENCH_KEEP_LOGS") != "1":
                     shutil.rmtree(self.tmp, ignore_errors=True)
         self.timings["teardown_s"] = round(time.monotonic() - t0, 2)
 

@@ -67,7 +67,7 @@ from bench._stack import Stack, cpu_seconds, peak_rss_mb, produce, spawn, stop_p
 from ledger.commands import CreateLedger, CreateTransaction, Request  # noqa: E402
 from ledger.model import Posting  # noqa: E402
 from streams import codecs  # noqa: E402
-from streams.topics import COMMITTED, REJECTED, REQUESTS, producer_config  # noqa: E402
+from streams.topics import COMMITTED, REJECTED, REQUESTS, consume_available, producer_config  # noqa: E402
 
 ASSET = "USD"
 
@@ -91,10 +91,13 @@ class Phase:
         self.first: float | None = None
         self.last: float | None = None
         self.arrivals: dict[bytes, float] | None = {} if arrivals else None
+        # The outcome record's timestamp (the worker's produce() call), on the monotonic clock.
+        self.produced: dict[bytes, float] = {}
         self.samples: list[bytes] = []  # outcome values, for the baseline's payloads
         self.done = threading.Event()
 
-    def count(self, request_id: bytes | None, rejected: bool, value: bytes | None, now: float) -> None:
+    def count(self, request_id: bytes | None, rejected: bool, value: bytes | None, now: float,
+              produced: float | None = None) -> None:
         self.records += 1
         size = len(value) if value else 0
         if request_id is not None:
@@ -104,6 +107,8 @@ class Phase:
             self.seen.add(request_id)
             if self.arrivals is not None:
                 self.arrivals[request_id] = now
+                if produced is not None:
+                    self.produced[request_id] = produced
         self.value_bytes += size
         if len(self.samples) < 2000 and value and self.records % 7 == 0:
             self.samples.append(value)
@@ -185,10 +190,11 @@ class Outcomes:
             self._ready.set()
             phases, rejected_topic, baseline_topic = self.phases, REJECTED, self.baseline_out
             while not self._stop.is_set():
-                messages = consumer.consume(10_000, timeout=0.05)
+                messages = consume_available(consumer, 10_000, 0.05)
                 if not messages:
                     continue
                 now = time.monotonic()
+                wall_to_mono = now - time.time()
                 for m in messages:
                     if m.error() is not None:
                         if m.error().code() != KafkaError._PARTITION_EOF:
@@ -208,7 +214,8 @@ class Outcomes:
                         continue
                     phase = phases.get(request_id[0])
                     if phase is not None:
-                        phase.count(request_id, topic == rejected_topic, m.value(), now)
+                        produced = m.timestamp()[1] / 1000 + wall_to_mono if phase.arrivals is not None else None
+                        phase.count(request_id, topic == rejected_topic, m.value(), now, produced)
         except BaseException as error:  # noqa: BLE001 — surfaced by wait()
             self.error = error
             self._ready.set()
@@ -298,7 +305,7 @@ class WorkerProbe:
     """Worker CPU and batch metrics between two points of a run."""
 
     KEYS = ("streamledger_batch_requests_sum", "streamledger_batch_requests_count",
-            "streamledger_batch_seconds_sum")
+            "streamledger_batch_seconds_sum", "streamledger_apply_seconds_sum", "streamledger_commit_seconds_sum")
 
     def __init__(self, stack: Stack) -> None:
         self.stack = stack
@@ -333,6 +340,12 @@ class WorkerProbe:
                 out["worker_requests_per_batch"] = round(d["streamledger_batch_requests_sum"] / batches, 1)
                 out["worker_process_s"] = round(d["streamledger_batch_seconds_sum"], 2)
                 out["worker_process_share_of_wall"] = round(d["streamledger_batch_seconds_sum"] / max(wall, 1e-9), 2)
+                # Per round: applying (Python) and the Kafka transaction (mostly waiting).
+                out["worker_round_ms"] = {
+                    "all": round(d["streamledger_batch_seconds_sum"] / batches * 1000, 2),
+                    "apply": round(d["streamledger_apply_seconds_sum"] / batches * 1000, 2),
+                    "transaction": round(d["streamledger_commit_seconds_sum"] / batches * 1000, 2),
+                }
         return out
 
 
@@ -502,8 +515,16 @@ def latency_phase(args, stack: Stack, outcomes: Outcomes, ledgers: list[str], pr
         if rid in phase.arrivals
     )
 
-    def pct(q: float) -> float | None:
-        return round(latencies[min(len(latencies) - 1, int(q * len(latencies)))], 2) if latencies else None
+    # Split at the outcome's record timestamp (the worker's produce() call, ms resolution):
+    # before = on the wire, waiting for a round, applying; after = the round's transaction
+    # (flush, offsets, commit) and the consumer seeing it.
+    to_produce = sorted((phase.produced[rid] - t) * 1000 for (rid, _k, _v), t in zip(records, scheduled)
+                        if rid in phase.produced)
+    to_visible = sorted((phase.arrivals[rid] - phase.produced[rid]) * 1000 for rid, _k, _v in records
+                        if rid in phase.produced)
+
+    def pct(q: float, values: list[float] = latencies) -> float | None:
+        return round(values[min(len(values) - 1, int(q * len(values)))], 2) if values else None
 
     result = {
         "offered_rate": args.rate,
@@ -514,6 +535,8 @@ def latency_phase(args, stack: Stack, outcomes: Outcomes, ledgers: list[str], pr
         "missing": n - len(latencies),
         "p50_ms": pct(0.50), "p90_ms": pct(0.90), "p99_ms": pct(0.99), "p999_ms": pct(0.999),
         "max_ms": round(latencies[-1], 2) if latencies else None,
+        "until_produced_ms": {"p50": pct(0.5, to_produce), "p99": pct(0.99, to_produce)},
+        "produced_to_visible_ms": {"p50": pct(0.5, to_visible), "p99": pct(0.99, to_visible)},
     }
     result.update(probe.finish(wall, n))
     log(f"latency: {result}")
