@@ -48,6 +48,8 @@ class Settings:
     store_cache_entries: int = field(default_factory=lambda: int(_env("STREAMLEDGER_STORE_CACHE_ENTRIES", "50000")))
     # Postings per Kafka transaction (a request may carry up to 1000 postings).
     batch_postings_max: int = field(default_factory=lambda: int(_env("STREAMLEDGER_BATCH_POSTINGS_MAX", "20000")))
+    # A round (apply, Kafka transaction, store write) slower than this is logged with its steps.
+    slow_round_ms: int = field(default_factory=lambda: int(_env("STREAMLEDGER_SLOW_ROUND_MS", "1000")))
     max_poll_interval_ms: int = field(default_factory=lambda: int(_env("STREAMLEDGER_MAX_POLL_INTERVAL_MS", "120000")))
     session_timeout_ms: int = field(default_factory=lambda: int(_env("STREAMLEDGER_SESSION_TIMEOUT_MS", "10000")))
     # Experimental Numscript features enabled for every script, comma-separated

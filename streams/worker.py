@@ -337,15 +337,24 @@ class Worker:
                 processor.catch_up(epoch)
         started = time.perf_counter()
         applied = [processor.apply(records, now) for processor, records in work]
-        metrics.apply_seconds.observe(time.perf_counter() - started)
-        started = time.perf_counter()
+        applied_at = time.perf_counter()
+        metrics.apply_seconds.observe(applied_at - started)
         written = self.writer.commit(
             [e for a in applied for e in a.emissions], {a.partition: a.next_offset for a in applied}, metadata)
-        metrics.commit_seconds.observe(time.perf_counter() - started)
+        committed_at = time.perf_counter()
+        metrics.commit_seconds.observe(committed_at - applied_at)
         result = BatchResult()
         for (processor, _records), a in zip(work, applied):
             processor.commit(a, written)
             result.add(a.result)
+        ended = time.perf_counter()
+        if ended - started > self.settings.slow_round_ms / 1000:
+            steps = {"apply": applied_at - started, **self.writer.timings, "store": ended - committed_at}
+            requests = result.committed + result.rejected + result.replayed
+            log.info("slow round: %d requests in %.0f ms (%s)", requests, (ended - started) * 1000,
+                     ", ".join(f"{name} {seconds * 1000:.1f}" for name, seconds in steps.items()),
+                     extra={"requests": requests, **{f"{name}_ms": round(seconds * 1000, 2)
+                                                    for name, seconds in steps.items()}})
         return result
 
     async def _fetching(self, function, *args):
@@ -395,6 +404,7 @@ def _take(fetcher: RequestFetcher, max_records: int, linger: float) -> dict[int,
 
 def create_app(settings: Settings | None = None) -> faust.App:
     settings = settings or Settings()
+    (settings.data_dir / "faust").mkdir(parents=True, exist_ok=True)  # faust's mkdir has no parents=True
     app = faust.App(
         settings.app_id,
         broker=f"kafka://{settings.bootstrap_servers}",

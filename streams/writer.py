@@ -121,6 +121,8 @@ class Writer:
         self._helper = ThreadPoolExecutor(1, thread_name_prefix="send-offsets")
         self._abandoned: list[Producer] = []  # stuck in librdkafka: kept alive, never used
         self._began: float | None = None  # monotonic time the open transaction began
+        # Seconds spent in the last transaction's steps: produce, flush, offsets, commit.
+        self.timings: dict[str, float] = {}
         self._watchdog: threading.Thread | None = None
 
     def ensure(self) -> int:
@@ -168,7 +170,8 @@ class Writer:
                 key = (message.topic(), message.partition())
                 written[key] = max(written.get(key, 0), message.offset() + 1)
 
-        self._began = time.monotonic()
+        self._began = started = time.perf_counter()
+        timings = self.timings = {}
         try:
             producer.begin_transaction()
             for e in emissions:
@@ -179,13 +182,17 @@ class Writer:
                 except BufferError:  # the local queue is full: let deliveries drain, retry
                     producer.poll(0.1)
                     producer.produce(**record)
+            timings["produce"] = (mark := time.perf_counter()) - started
             # Every record on its partition leader before the offsets go: see the module doc.
             remaining = producer.flush(30)
             if remaining:
                 raise KafkaException(KafkaError(KafkaError._TIMED_OUT, f"{remaining} records not delivered"))
+            timings["flush"] = -mark + (mark := time.perf_counter())
             if offsets:
                 self._send_offsets(producer, [TopicPartition(REQUESTS, p, o) for p, o in offsets.items()], metadata)
+            timings["offsets"] = -mark + (mark := time.perf_counter())
             producer.commit_transaction(30)
+            timings["commit"] = time.perf_counter() - mark
         except _Abandoned:
             raise KafkaException(KafkaError(KafkaError._TIMED_OUT, "send_offsets_to_transaction hung")) from None
         except KafkaException as exception:
@@ -211,7 +218,7 @@ class Writer:
         while True:
             time.sleep(5)
             began = self._began
-            if began is not None and time.monotonic() - began > _STUCK_TRANSACTION_S:
+            if began is not None and time.perf_counter() - began > _STUCK_TRANSACTION_S:
                 exit_process(log, "a Kafka transaction has not ended after %.0fs; exiting so the partitions "
                              "move on (a restart fences it)", _STUCK_TRANSACTION_S)
 
