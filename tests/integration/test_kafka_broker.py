@@ -116,6 +116,37 @@ def test_future_timestamps_are_accepted(kafka_bootstrap):
 
 
 @pytest.mark.integration
+def test_consume_available_does_not_wait_out_its_timeout(kafka_bootstrap):
+    """librdkafka's consume(n, timeout) holds a lone message until n arrived or the timeout
+    expired; consume_available hands it over at once, with whatever else is fetched."""
+    topic = _new_topic(kafka_bootstrap)
+    producer = Producer(producer_config(kafka_bootstrap, linger_ms=0))
+    consumer = Consumer({"bootstrap.servers": kafka_bootstrap, "group.id": f"g-{uuid.uuid4().hex[:8]}",
+                         "fetch.wait.max.ms": 10})
+    try:
+        consumer.assign([TopicPartition(topic, 0, 0)])
+        for value in (b"a", b"b", b"c"):
+            producer.produce(topic, value, partition=0)
+        producer.flush(10)
+        got: list = []
+        deadline = time.monotonic() + 20
+        while len(got) < 3 and time.monotonic() < deadline:
+            got += [m.value() for m in topics.consume_available(consumer, 1000, 0.5) if m.error() is None]
+        assert got == [b"a", b"b", b"c"]
+        timeout = 20.0
+        started = time.monotonic()
+        assert topics.consume_available(consumer, 1000, 0.2) == []  # nothing there: waits, returns empty
+        producer.produce(topic, b"d", partition=0)
+        producer.flush(10)
+        late = topics.consume_available(consumer, 1000, timeout)
+        assert [m.value() for m in late] == [b"d"]
+        # Returned with the message, not at the timeout (consume(1000, 20) would take 20 s).
+        assert time.monotonic() - started < timeout / 2
+    finally:
+        consumer.close()
+
+
+@pytest.mark.integration
 def test_confluent_transactions_read_committed(kafka_bootstrap):
     topic = _new_topic(kafka_bootstrap)
     p = Producer(producer_config(kafka_bootstrap, transactional_id=f"tx-{uuid.uuid4().hex}"))
