@@ -33,3 +33,7 @@ recovery_replayed = Gauge(
     "streamledger_recovery_replayed_records", "Records replayed so far by the running recovery", ["partition"]
 )
 recovering = Gauge("streamledger_recovering", "1 while a partition is catching up from the log", ["partition"])
+gc_pause_seconds = Histogram(
+    "streamledger_gc_pause_seconds", "Pauses of Python's cyclic garbage collector, by generation", ["generation"],
+    buckets=(0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5),
+)
