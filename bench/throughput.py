@@ -178,7 +178,10 @@ class Outcomes:
             "group.id": f"bench-outcomes-{os.getpid()}-{time.time_ns()}",
             "enable.auto.commit": False,
             "isolation.level": "read_committed",
-            "fetch.wait.max.ms": 5,
+            # A long poll: the broker answers as soon as an outcome is readable (for
+            # read_committed, when the transaction's marker lands), so waiting longer costs no
+            # latency, while a 5 ms poll cost the broker ~200 idle fetches a second per consumer.
+            "fetch.wait.max.ms": 500,
             "socket.nagle.disable": True,
         })
         try:
@@ -334,6 +337,17 @@ class WorkerProbe:
             time.sleep(0.05)
         if m1 and self.m0 is not None:
             d = {k: m1.get(k, 0.0) - self.m0.get(k, 0.0) for k in self.KEYS}
+            gc = {}
+            for name in m1:
+                if name.startswith("streamledger_gc_pause_seconds_"):
+                    kind = name[len("streamledger_gc_pause_seconds_"):]  # sum{generation="2"}, count{...}
+                    stat, _, labels = kind.partition("{")
+                    if stat in ("sum", "count"):
+                        generation = labels.split('"')[1] if '"' in labels else "?"
+                        gc.setdefault(f"gen{generation}", {})[stat] = m1[name] - self.m0.get(name, 0.0)
+            if gc:  # Python's collector during the phase: pauses and seconds per generation
+                out["worker_gc"] = {g: {"pauses": int(v.get("count", 0)), "ms": round(v.get("sum", 0) * 1000, 1)}
+                                    for g, v in sorted(gc.items())}
             batches = d["streamledger_batch_requests_count"]
             if batches:
                 out["worker_batches"] = int(batches)
@@ -406,7 +420,7 @@ def baseline_phase(args, stack: Stack, outcomes: Outcomes, records, expected: in
         "--expected", str(len(records)), "--values-file", str(values_file),
         "--header-size", str(header_size),
         "--batch-max", os.environ.get("STREAMLEDGER_BATCH_MAX", "4000"),
-        "--linger-ms", os.environ.get("STREAMLEDGER_BATCH_LINGER_MS", "5"),
+        "--linger-ms", os.environ.get("STREAMLEDGER_BATCH_LINGER_MS", "0"),
         "--timeout", str(args.phase_timeout),
     ]
     child = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
