@@ -7,7 +7,7 @@ header: the payload is never decoded) and the values are the worker's own outcom
 sampled by the bench (`--values-file`, cycled through), in one Kafka
 transaction per partition per consumed batch, like the worker commits:
 
-    consume(up to batch-max records, within linger-ms)   # ~ faust take_events(max, within)
+    poll one record, then consume(up to batch-max, within linger-ms)   # as the worker takes
     for each partition in the batch:                     # one transactional producer each
         begin_transaction → produce its outputs → send_offsets_to_transaction → commit
 
@@ -42,7 +42,7 @@ def main(argv: list[str] | None = None) -> int:
                         help="output values to cycle through: 4-byte big-endian length + bytes, repeated")
     parser.add_argument("--header-size", type=int, default=24, help="bytes of the request_id header")
     parser.add_argument("--batch-max", type=int, default=4000)
-    parser.add_argument("--linger-ms", type=float, default=5.0)
+    parser.add_argument("--linger-ms", type=float, default=0.0)
     parser.add_argument("--timeout", type=float, default=600.0)
     args = parser.parse_args(argv)
 
@@ -90,9 +90,12 @@ def main(argv: list[str] | None = None) -> int:
     deadline = time.monotonic() + args.timeout
     try:
         while seen < args.expected and not stopping and time.monotonic() < deadline:
-            messages = consumer.consume(args.batch_max, timeout=args.linger_ms / 1000)
-            if not messages:
+            # As the worker takes (streams.worker._take): the first record, then what is
+            # fetched already or arrives within the linger.
+            first = consumer.poll(0.5)
+            if first is None:
                 continue
+            messages = [first, *consumer.consume(args.batch_max - 1, timeout=args.linger_ms / 1000)]
             t0 = time.perf_counter()
             by_partition: dict[int, list] = {}
             for message in messages:

@@ -39,7 +39,7 @@ class Settings:
     gateway_port: int = field(default_factory=lambda: int(_env("STREAMLEDGER_GATEWAY_PORT", "3068")))
     reply_timeout_ms: int = field(default_factory=lambda: int(_env("STREAMLEDGER_REPLY_TIMEOUT_MS", "10000")))
     batch_requests_max: int = field(default_factory=lambda: int(_env("STREAMLEDGER_BATCH_MAX", "4000")))
-    batch_linger_ms: int = field(default_factory=lambda: int(_env("STREAMLEDGER_BATCH_LINGER_MS", "5")))
+    batch_linger_ms: int = field(default_factory=lambda: int(_env("STREAMLEDGER_BATCH_LINGER_MS", "0")))
     gateway_linger_ms: float = field(default_factory=lambda: float(_env("STREAMLEDGER_GATEWAY_LINGER_MS", "1")))
     # One block cache for all of a worker's partition stores.
     rocksdb_block_cache_mb: int = field(default_factory=lambda: int(_env("STREAMLEDGER_ROCKSDB_BLOCK_CACHE_MB", "64")))

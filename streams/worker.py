@@ -388,8 +388,11 @@ def _unacknowledge(events) -> None:
 
 
 def _take(fetcher: RequestFetcher, max_records: int, linger: float) -> dict[int, tuple[int, list]]:
-    """Wait (up to 0.5 s) for the first record, then linger for more: batches under
-    load, no busy loop when idle."""
+    """Wait (up to 0.5 s) for the first record, then add what is already fetched, or
+    what arrives within `linger` s (STREAMLEDGER_BATCH_LINGER_MS). The default, 0, batches
+    by itself: whatever arrived while the previous round ran is the next round. Measured
+    at 1,000 tx/s against a 5 ms linger: p50 the same, p90/p99 lower (92/153 vs 96/273 ms,
+    102/176 vs 133/273 ms in two pairs of runs)."""
     first = fetcher.take(1, 0.5)
     if not first or max_records <= 1:
         return first
