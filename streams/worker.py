@@ -66,6 +66,9 @@ class RequestFetcher:
         # Bumped at each (re)assignment: records fetched under an older one are stale (the
         # new assignment reads them again from the committed offset).
         self.generation: dict[int, int] = {}
+        # Partitions none of whose fetched records may be applied until they are read
+        # again from the committed offset (`Worker.rewind`); `assign` clears them.
+        self.rewinding: set[int] = set()
         # consume() blocks: one thread of its own, so rounds and recoveries never wait on it;
         # (un)assignments run on it too, between two consumes.
         self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="fetch")
@@ -82,6 +85,7 @@ class RequestFetcher:
         self.generation[partition] = self.generation.get(partition, 0) + 1
         self.consumer.incremental_assign([TopicPartition(REQUESTS, partition, offset)])
         self.assigned.add(partition)
+        self.rewinding.discard(partition)
         return offset
 
     def unassign(self, partition: int) -> None:
@@ -102,8 +106,9 @@ class RequestFetcher:
                     log.warning("fetching %s: %s", REQUESTS, error)
                 continue
             partition = message.partition()
-            if partition not in self.assigned or generation.get(partition) != self.generation.get(partition):
-                continue  # fetched under an assignment since replaced
+            if (partition not in self.assigned or partition in self.rewinding
+                    or generation.get(partition) != self.generation.get(partition)):
+                continue  # fetched under an assignment since replaced, or to be read again
             entry = by_partition.get(partition)
             if entry is None:
                 entry = by_partition[partition] = (generation[partition], [])
@@ -111,7 +116,8 @@ class RequestFetcher:
         return by_partition
 
     def current(self, partition: int, generation: int | None) -> bool:
-        return partition in self.assigned and self.generation.get(partition) == generation
+        return (partition in self.assigned and partition not in self.rewinding
+                and self.generation.get(partition) == generation)
 
     def lag(self, partition: int, next_offset: int) -> int | None:
         try:
@@ -196,15 +202,19 @@ class Worker:
 
     async def rewind(self, partitions) -> None:
         """Read partitions still ours again from their committed offsets (their fetched
-        records were not applied: a round the group refused)."""
+        records were not applied: a round the group refused). Until that succeeds, none of
+        their fetched records is applied (`RequestFetcher.rewinding`): records past ones
+        that were dropped must never commit their offsets."""
         for partition in sorted(partitions):
             async with self._lock(partition):
                 if self.fetcher is not None and partition in self.fetcher.assigned and self.owns(partition):
+                    self.fetcher.rewinding.add(partition)
                     try:
                         await self._fetching(self.fetcher.assign, partition)
                     except KafkaException as error:
-                        log.warning("partition %d: rewinding failed (%s); it is re-read at its next "
-                                    "assignment", partition, error)
+                        log.warning("partition %d: reading it again from the committed offset failed (%s); "
+                                    "retrying", partition, error)
+                        asyncio.ensure_future(self.attach(partition))  # retried while ours
 
     async def attach(self, partition: int) -> None:
         """A partition the group assigned us: catch its store up, then fetch its requests
