@@ -40,11 +40,14 @@ class StoreError(Exception):
 
 def encode_key(key: tuple) -> bytes:
     last = key[-1]
-    if isinstance(last, int):  # transaction and log ids: the only integer segment is the last
+    kind = type(last)
+    if kind is str:  # the common case: every segment is text
+        return "\x00".join(key).encode()
+    if kind is int:  # transaction and log ids: the only integer segment is the last
         return "\x00".join(key[:-1]).encode() + _SEP + last.to_bytes(8, "big")
-    if isinstance(last, bytes):  # an effective moment (ledger.state.effective_moment)
+    if kind is bytes:  # an effective moment (ledger.state.effective_moment)
         return "\x00".join(key[:-1]).encode() + _SEP + last
-    return "\x00".join(key).encode()
+    raise TypeError(f"a key's last segment is text, an int or bytes, not {kind.__name__}: {key!r}")
 
 
 def _dumps(value: object) -> bytes:

