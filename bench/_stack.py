@@ -130,7 +130,11 @@ class Stack:
     def _start_worker(self) -> None:
         from streamledger.kafka_local import free_ports
 
-        self.worker_port = free_ports(1)[0]
+        # The same port, so the same worker id (STREAMLEDGER_WORKER_ID defaults to host:port),
+        # across restarts: as a supervisor restarts a worker, which then fences and aborts
+        # what its previous incarnation left open at once.
+        if self.worker_port is None:
+            self.worker_port = free_ports(1)[0]
         env = dict(os.environ)
         env.update({
             "KAFKA_BOOTSTRAP_SERVERS": self.bootstrap,
