@@ -51,6 +51,11 @@ class Settings:
     # A round (apply, Kafka transaction, store write) slower than this is logged with its steps.
     slow_round_ms: int = field(default_factory=lambda: int(_env("STREAMLEDGER_SLOW_ROUND_MS", "1000")))
     max_poll_interval_ms: int = field(default_factory=lambda: int(_env("STREAMLEDGER_MAX_POLL_INTERVAL_MS", "120000")))
+    # Join the consumer group as a static member (KIP-345) with STREAMLEDGER_WORKER_ID as
+    # its instance id: a restarted worker gets its partitions back at once, with no
+    # rebalance; but a stopped one is not replaced before the session timeout.
+    static_membership: bool = field(default_factory=lambda: _env(
+        "STREAMLEDGER_STATIC_MEMBERSHIP", "false").strip().lower() in ("1", "true", "yes", "on"))
     session_timeout_ms: int = field(default_factory=lambda: int(_env("STREAMLEDGER_SESSION_TIMEOUT_MS", "10000")))
     # Experimental Numscript features enabled for every script, comma-separated
     # (e.g. "experimental-oneof,experimental-overdraft-function").

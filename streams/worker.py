@@ -429,7 +429,10 @@ def create_app(settings: Settings | None = None) -> faust.App:
         consumer_auto_offset_reset="earliest",
         processing_guarantee="at_least_once",
         broker_session_timeout=settings.session_timeout_ms / 1000,
+        # faust refuses a session timeout above its request timeout (default 90 s).
+        broker_request_timeout=max(90.0, settings.session_timeout_ms / 1000 + 10),
         broker_heartbeat_interval=0.5,
+        consumer_group_instance_id=settings.worker_id if settings.static_membership else None,
         # faust's consumer leaves the group when its loop is stuck this long (aiokafka's
         # default is 5 minutes). Rounds run beside it: a stuck transaction is the
         # writer's watchdog's business (streams/writer.py).

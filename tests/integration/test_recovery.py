@@ -70,8 +70,9 @@ class Worker:
     """One `streamledger worker` process at a time on a fixed data dir and app id; every
     start writes its own log file. Stopped by its own pid only."""
 
-    def __init__(self, bootstrap: str, data_dir: Path, logs: Path, app_id: str) -> None:
+    def __init__(self, bootstrap: str, data_dir: Path, logs: Path, app_id: str, **env: str) -> None:
         self.bootstrap, self.data_dir, self.logs, self.app_id = bootstrap, data_dir, logs, app_id
+        self.env = env  # overrides, e.g. a fixed STREAMLEDGER_WORKER_PORT (a stable worker id)
         self.process: subprocess.Popen | None = None
         self.starts = 0
 
@@ -93,6 +94,7 @@ class Worker:
             "STREAMLEDGER_ROCKSDB_BLOCK_CACHE_MB": "8",
             "STREAMLEDGER_ROCKSDB_WRITE_BUFFER_MB": "4",
             "PYTHONUNBUFFERED": "1",
+            **self.env,
         }
         # Not "-m streamledger worker": other sessions on a shared machine stop their
         # workers with `pkill -f "streamledger worker"`.
@@ -551,3 +553,37 @@ def test_requests_redelivered_after_a_restart_get_their_original_outcome(broker,
     assert sum(len(log) for log in topics.entries().values()) == entries_before
     both = topics.ids(COMMITTED) + topics.ids(REJECTED)
     assert all(both[r.request_id] == 1 for r in again), {r.request_id: both[r.request_id] for r in again}
+
+
+def test_a_static_member_restarted_after_kill_9_resumes_before_its_session_expires(broker, tmp_path):
+    """STREAMLEDGER_STATIC_MEMBERSHIP: the worker joins as a static member under its worker
+    id. Killed and restarted with the same id, it takes its partitions back at once; a
+    dynamic member would wait for the dead one's session (here 120 s) to expire first.
+    (A session this long also checks that it is accepted: faust's own default request
+    timeout, 90 s, would refuse it.)"""
+    session_s = 120
+    worker = Worker(broker, tmp_path / "data", tmp_path, f"recovery-static-{uuid.uuid4().hex[:6]}",
+                    STREAMLEDGER_STATIC_MEMBERSHIP="true", STREAMLEDGER_WORKER_PORT=str(free_ports(1)[0]),
+                    STREAMLEDGER_SESSION_TIMEOUT_MS=str(session_s * 1000))
+    topics = Topics(broker)
+    try:
+        worker.start()
+        ledgers = ledger_names("static-", 4)
+        first = [req(ledger, CreateLedger()) for ledger in ledgers] + [
+            tx(ledger, ("world", "users:a", 10)) for ledger in ledgers]
+        send(broker, first)
+        topics.wait({r.request_id for r in first}, timeout=90, worker=worker)
+
+        worker.kill9()
+        killed = time.monotonic()
+        worker.start()
+        after = [tx(ledger, ("users:a", "users:b", 4)) for ledger in ledgers]
+        send(broker, after)
+        topics.wait({r.request_id for r in after}, timeout=session_s / 2, worker=worker)
+        assert time.monotonic() - killed < session_s / 2
+        assert set(topics.ids(COMMITTED)) >= {r.request_id for r in after}  # applied, funds were there
+        entries = topics.entries()
+        assert_log_is_exact({ledger: entries[ledger] for ledger in ledgers}, topics)
+    finally:
+        worker.stop()
+        topics.close()
