@@ -56,6 +56,11 @@ class Settings:
     # rebalance; but a stopped one is not replaced before the session timeout.
     static_membership: bool = field(default_factory=lambda: _env(
         "STREAMLEDGER_STATIC_MEMBERSHIP", "false").strip().lower() in ("1", "true", "yes", "on"))
+    # Keep warm copies of the partitions this worker does not own (caught up from the log
+    # every few seconds): a takeover replays only the log's tail, at the cost of every
+    # worker replaying the whole log.
+    standby: bool = field(default_factory=lambda: _env(
+        "STREAMLEDGER_STANDBY", "false").strip().lower() in ("1", "true", "yes", "on"))
     session_timeout_ms: int = field(default_factory=lambda: int(_env("STREAMLEDGER_SESSION_TIMEOUT_MS", "10000")))
     # Experimental Numscript features enabled for every script, comma-separated
     # (e.g. "experimental-oneof,experimental-overdraft-function").

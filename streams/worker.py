@@ -31,6 +31,10 @@ from streams.writer import Fenced, GroupMoved, Writer, group_metadata
 log = logging.getLogger("streamledger.worker")
 
 
+# How often a warm standby catches up from the log (STREAMLEDGER_STANDBY).
+STANDBY_INTERVAL_S = 2.0
+
+
 class NotOwned(Exception):
     """The consumer group does not (or no longer) assign this partition to this worker."""
 
@@ -142,6 +146,7 @@ class Worker:
         self.owns = owns  # does the consumer group still assign us this partition?
         self.group = group  # -> the consumer's group metadata (bytes), None outside a generation
         self.processors: dict[int, PartitionProcessor] = {}
+        self.standbys: dict[int, PartitionProcessor] = {}  # warm copies of partitions not ours
         self.started = False  # has the group ever assigned us partitions?
         self._locks: dict[int, asyncio.Lock] = {}
         self.writer = Writer(settings.bootstrap_servers, f"{settings.app_id}-worker-{settings.worker_id}")
@@ -163,7 +168,8 @@ class Worker:
             return processor
         if not self.owns(partition):
             raise NotOwned(f"partition {partition} is not assigned to this worker")
-        processor = await self._run(self._open, partition)
+        # A warm standby of it (STREAMLEDGER_STANDBY) only has the log's tail to catch up.
+        processor = await self._run(self._open, partition, self.standbys.pop(partition, None))
         self.processors[partition] = processor
         return processor
 
@@ -174,8 +180,8 @@ class Worker:
         except NotOwned:
             return None
 
-    def _open(self, partition: int) -> PartitionProcessor:
-        processor = PartitionProcessor(self.settings, partition)
+    def _open(self, partition: int, processor: PartitionProcessor | None = None) -> PartitionProcessor:
+        processor = processor or PartitionProcessor(self.settings, partition)
         try:
             processor.open(self.writer.epoch)
         except BaseException:
@@ -198,7 +204,43 @@ class Worker:
                 await self._fetching(self.fetcher.unassign, partition)
             processor = self.processors.pop(partition, None)
             if processor is not None:
-                await self._run(processor.close)
+                if self.settings.standby:  # kept warm, in case it comes back
+                    self.standbys[partition] = processor
+                else:
+                    await self._run(processor.close)
+
+    async def keep_standbys(self) -> None:
+        """Warm standbys (STREAMLEDGER_STANDBY): keep a store of every partition this worker
+        does not own caught up from the log, every few seconds, so that taking one over
+        (its owner failed or left) replays only what was logged since. Costs the replay of
+        the whole log in every worker, one partition at a time beside the rounds."""
+        while True:
+            await asyncio.sleep(STANDBY_INTERVAL_S)
+            if not self.started:
+                continue
+            for partition in range(self.settings.partitions):
+                if partition in self.processors or self.owns(partition):
+                    continue
+                async with self._lock(partition):
+                    if partition in self.processors or self.owns(partition):
+                        continue
+                    standby = self.standbys.get(partition)
+                    started = time.monotonic()
+                    try:
+                        if standby is None:
+                            standby = await self._run(PartitionProcessor, self.settings, partition)
+                            self.standbys[partition] = standby
+                            first = True
+                        else:
+                            first = False
+                        replayed = await self._run(standby.recover)
+                    except KafkaException as error:
+                        log.warning("standby of partition %d: catching up failed (%s)", partition, error)
+                        continue
+                    seconds = time.monotonic() - started
+                    (log.info if first else log.debug)(
+                        "standby of partition %d: replayed %d log records in %.2fs", partition, replayed, seconds,
+                        extra={"partition": partition, "replayed": replayed, "seconds": round(seconds, 3)})
 
     async def rewind(self, partitions) -> None:
         """Read partitions still ours again from their committed offsets (their fetched
@@ -378,6 +420,11 @@ class Worker:
     async def close(self) -> None:
         for partition in list(self.processors):
             await self.release(partition)
+        for partition in list(self.standbys):
+            async with self._lock(partition):
+                standby = self.standbys.pop(partition, None)
+                if standby is not None:
+                    await self._run(standby.close)
         await self._run(self.writer.close)
         if self.fetcher is not None:
             await self._fetching(self.fetcher.consumer.close)
@@ -546,6 +593,9 @@ def create_app(settings: Settings | None = None) -> faust.App:
                 # or retried). Crash now: the restarted worker recovers from the log and
                 # reads the requests after the last committed offsets again.
                 exit_process(log, "unexpected failure applying a round; exiting", exc_info=True)
+
+    if settings.standby:
+        app.task(worker.keep_standbys)
 
     @app.on_before_shutdown.connect
     async def _shutdown(app_: faust.App, **_kwargs) -> None:
