@@ -490,6 +490,11 @@ def create_app(settings: Settings | None = None) -> faust.App:
         web_port=settings.worker_port,
         canonical_url=f"http://{settings.worker_advertised_host}:{settings.worker_port}",
         stream_buffer_maxsize=max(4096, settings.batch_requests_max * 2),
+        # faust's livelock check expects its own fetches of every assigned partition; ours
+        # are librdkafka's (faust's are paused), so after this long it logged an ERROR for
+        # each partition every few seconds, forever. Liveness is watched elsewhere (the
+        # transaction watchdog, streamledger_consumer_lag).
+        stream_processing_timeout=365 * 24 * 3600.0,
         web_in_thread=False,
         logging_config=None,
     )
