@@ -47,8 +47,17 @@ def worker() -> None:
 
     configure_ours(settings.log_level)  # faust configures the root logger itself
     _tune_gc()
+
+    class Worker(FaustWorker):
+        def _schedule_shutdown(self, signal_) -> None:  # SIGTERM / SIGINT
+            # faust's shutdown waits on the broker (leaving the group, committing), which
+            # may be gone: measured, a worker whose broker had died never exited. Nothing
+            # is lost by ending it: a round is committed with its offsets or read again.
+            _exit_after(settings.shutdown_timeout_ms / 1000)
+            super()._schedule_shutdown(signal_)
+
     try:
-        FaustWorker(app, loglevel=settings.log_level.upper(), quiet=True).execute_from_commandline()
+        Worker(app, loglevel=settings.log_level.upper(), quiet=True).execute_from_commandline()
     except SystemExit as exit_:
         # faust gives up if the broker vanishes while it starts (a broker restart): start
         # over in the same process (same pid for supervisors) instead of exiting.
@@ -57,6 +66,20 @@ def worker() -> None:
             time.sleep(2)
             os.execve(sys.executable, list(sys.orig_argv), dict(os.environ))
         raise
+
+
+def _exit_after(seconds: float) -> None:
+    import threading
+
+    def expire() -> None:
+        logging.getLogger("streamledger.worker").warning(
+            "still stopping after %.0fs (the broker unreachable?); exiting now", seconds)
+        logging.shutdown()
+        os._exit(0)
+
+    timer = threading.Timer(seconds, expire)
+    timer.daemon = True
+    timer.start()
 
 
 def _tune_gc() -> None:

@@ -62,6 +62,9 @@ class Settings:
     standby: bool = field(default_factory=lambda: _env(
         "STREAMLEDGER_STANDBY", "false").strip().lower() in ("1", "true", "yes", "on"))
     session_timeout_ms: int = field(default_factory=lambda: int(_env("STREAMLEDGER_SESSION_TIMEOUT_MS", "10000")))
+    # A worker told to stop (SIGTERM, Ctrl-C) exits after this long even if its shutdown
+    # has not finished (e.g. the broker is gone).
+    shutdown_timeout_ms: int = field(default_factory=lambda: int(_env("STREAMLEDGER_SHUTDOWN_TIMEOUT_MS", "30000")))
     # Experimental Numscript features enabled for every script, comma-separated
     # (e.g. "experimental-oneof,experimental-overdraft-function").
     numscript_flags: frozenset = field(default_factory=lambda: frozenset(
