@@ -35,6 +35,13 @@ def _pdeathsig() -> None:  # between fork and exec, Linux only
         pass
 
 
+# `streamledger worker`, launched through `-c` so that its command line does not contain
+# "streamledger worker": other sessions on a shared box stop their own workers with broad
+# `pkill -f` patterns, which SIGKILLed a bench worker mid-run.
+WORKER_COMMAND = [sys.executable, "-c",
+                  "import sys; sys.argv[0] = 'streamledger'; from streamledger.cli import main; main()", "worker"]
+
+
 def spawn(cmd: list[str], *, env: dict | None = None, log_path: Path | None = None,
           cwd: Path | None = None) -> subprocess.Popen:
     """A child in its own session that dies with us (SIGTERM on parent death)."""
@@ -145,15 +152,9 @@ class Stack:
             "STREAMLEDGER_PARTITIONS": str(self.partitions),
             "PYTHONUNBUFFERED": "1",
         })
-        # `streamledger worker`, launched through `-c` so that its command line does not
-        # contain "streamledger worker": other sessions on a shared box stop their own
-        # workers with broad `pkill -f` patterns, which SIGKILLed a bench worker mid-run.
-        cmd = [sys.executable, "-c",
-               "import sys; sys.argv[0] = 'streamledger'; from streamledger.cli import main; main()",
-               "worker"]
-        self.log(f"starting worker: {' '.join(cmd)} (app id {self.app_id}, port {self.worker_port}, "
+        self.log(f"starting worker: {' '.join(WORKER_COMMAND)} (app id {self.app_id}, port {self.worker_port}, "
                  f"log {self.worker_log})")
-        self.worker = spawn(cmd, env=env, log_path=self.worker_log, cwd=self.tmp)
+        self.worker = spawn(WORKER_COMMAND, env=env, log_path=self.worker_log, cwd=self.tmp)
 
     def check_worker(self) -> None:
         if self.worker is not None and self.worker.poll() is not None:

@@ -37,8 +37,8 @@ if str(REPO_ROOT) not in sys.path:
 
 from confluent_kafka import Producer  # noqa: E402
 
-from bench._stack import spawn, stop_process  # noqa: E402
-from bench.recovery import ASSET, READY, Outcomes, WorkerLog, coalesce, funding_transactions, now_micros, produce  # noqa: E402
+from bench._stack import WORKER_COMMAND, spawn, stop_process  # noqa: E402
+from bench.recovery import ASSET, READY, Outcomes, coalesce, funding_transactions, now_micros, produce  # noqa: E402
 from ledger.commands import CreateLedger, CreateTransaction, Request  # noqa: E402
 from ledger.limits import postings_per_transaction_max  # noqa: E402
 from ledger.model import Posting  # noqa: E402
@@ -71,9 +71,7 @@ class Workers:
             "STREAMLEDGER_STANDBY": "true" if self.standby else "false",
             "PYTHONUNBUFFERED": "1",
         }
-        cmd = [sys.executable, "-c",
-               "import sys; sys.argv[0] = 'streamledger'; from streamledger.cli import main; main()", "worker"]
-        self.processes[name] = spawn(cmd, env=env, log_path=self.log_path(name), cwd=self.tmp)
+        self.processes[name] = spawn(WORKER_COMMAND, env=env, log_path=self.log_path(name), cwd=self.tmp)
 
     def check(self) -> None:
         for name, process in self.processes.items():

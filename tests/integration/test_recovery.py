@@ -24,7 +24,6 @@ import re
 import shutil
 import signal
 import subprocess
-import sys
 import threading
 import time
 import uuid
@@ -35,7 +34,7 @@ import pytest
 from confluent_kafka import Consumer, KafkaError, Producer, TopicPartition
 from rocksdict import AccessType, Options, Rdict
 
-from bench._stack import spawn
+from bench._stack import WORKER_COMMAND, spawn
 from ledger.commands import (
     CreateLedger, CreateTransaction, DeleteMetadata, Request, RevertTransaction, SaveMetadata,
 )
@@ -96,12 +95,7 @@ class Worker:
             "PYTHONUNBUFFERED": "1",
             **self.env,
         }
-        # Not "-m streamledger worker": other sessions on a shared machine stop their
-        # workers with `pkill -f "streamledger worker"`.
-        cmd = [sys.executable, "-c",
-               "import sys; sys.argv[0] = 'streamledger'; from streamledger.cli import main; main()",
-               "worker"]
-        self.process = spawn(cmd, env=env, log_path=self.log_path, cwd=ROOT)
+        self.process = spawn(WORKER_COMMAND, env=env, log_path=self.log_path, cwd=ROOT)
 
     def log(self) -> str:
         return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""

@@ -10,13 +10,12 @@ from __future__ import annotations
 import os
 import signal
 import subprocess
-import sys
 import time
 import uuid
 
 import pytest
 
-from bench._stack import spawn
+from bench._stack import WORKER_COMMAND, spawn
 from streamledger.kafka_local import LocalKafka, free_ports
 from streams.topics import ensure_topics
 
@@ -39,9 +38,7 @@ def test_a_stopped_worker_exits_although_the_broker_is_gone(tmp_path):
             "STREAMLEDGER_SHUTDOWN_TIMEOUT_MS": "5000",
             "PYTHONUNBUFFERED": "1",
         }
-        worker = spawn([sys.executable, "-c",
-                        "import sys; sys.argv[0] = 'streamledger'; from streamledger.cli import main; main()",
-                        "worker"], env=env, log_path=log_path, cwd=tmp_path)
+        worker = spawn(WORKER_COMMAND, env=env, log_path=log_path, cwd=tmp_path)
         deadline = time.monotonic() + 90
         while "fetching ledger.requests" not in log_path.read_text(errors="replace"):
             assert worker.poll() is None, log_path.read_text(errors="replace")[-3000:]
