@@ -71,11 +71,11 @@ def worker() -> None:
 def _exit_after(seconds: float) -> None:
     import threading
 
+    from streams.logs import exit_process
+
     def expire() -> None:
-        logging.getLogger("streamledger.worker").warning(
-            "still stopping after %.0fs (the broker unreachable?); exiting now", seconds)
-        logging.shutdown()
-        os._exit(0)
+        exit_process(logging.getLogger("streamledger.worker"), "still stopping after %.0fs (the broker "
+                     "unreachable?); exiting now", seconds, level=logging.WARNING, code=0)
 
     timer = threading.Timer(seconds, expire)
     timer.daemon = True
@@ -85,7 +85,7 @@ def _exit_after(seconds: float) -> None:
 def _tune_gc() -> None:
     """Collect cyclic garbage far less often than CPython's default (every 700 net
     allocations). A round of 4,000 requests keeps ~200k objects alive until it commits
-    (two rounds when pipelined) and the store caches hold long-lived ones: a young
+    and the store caches hold long-lived ones: a young
     collection scans every live young object, so it must not run inside every round.
     Measured (no-Kafka micro-benchmark, 4,000-request rounds): the default threshold took
     ~35% of the CPU; 100k still ran ~1 collection per round at ~60 ms each (~15 us per

@@ -40,12 +40,14 @@ def handler() -> logging.Handler:
     return stream
 
 
-def exit_process(logger: logging.Logger, message: str, *args, exc_info: bool = False) -> NoReturn:
-    """Log critically and exit with code 70 at once, without unwinding: for a worker that
-    must stop writing now (its offsets are not committed; a restart recovers from the log)."""
-    logger.critical(message, *args, exc_info=exc_info)
+def exit_process(logger: logging.Logger, message: str, *args, exc_info: bool = False,
+                 level: int = logging.CRITICAL, code: int = 70) -> NoReturn:
+    """Log and exit at once, without unwinding: by default (critical, code 70) for a worker
+    that must stop writing now (its offsets are not committed; a restart recovers from the
+    log)."""
+    logger.log(level, message, *args, exc_info=exc_info)
     logging.shutdown()
-    os._exit(70)
+    os._exit(code)
 
 
 def configure(level: str) -> None:
