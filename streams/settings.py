@@ -15,6 +15,11 @@ def _env(name: str, default: str) -> str:
     return os.environ.get(name, default)
 
 
+def _flag(name: str) -> bool:
+    """An on/off variable, off unless set to 1, true, yes or on."""
+    return _env(name, "false").strip().lower() in ("1", "true", "yes", "on")
+
+
 @dataclass(frozen=True)
 class Settings:
     bootstrap_servers: str = field(default_factory=lambda: _env("KAFKA_BOOTSTRAP_SERVERS", "127.0.0.1:9092"))
@@ -54,13 +59,11 @@ class Settings:
     # Join the consumer group as a static member (KIP-345) with STREAMLEDGER_WORKER_ID as
     # its instance id: a restarted worker gets its partitions back at once, with no
     # rebalance; but a stopped one is not replaced before the session timeout.
-    static_membership: bool = field(default_factory=lambda: _env(
-        "STREAMLEDGER_STATIC_MEMBERSHIP", "false").strip().lower() in ("1", "true", "yes", "on"))
+    static_membership: bool = field(default_factory=lambda: _flag("STREAMLEDGER_STATIC_MEMBERSHIP"))
     # Keep warm copies of the partitions this worker does not own (caught up from the log
     # every few seconds): a takeover replays only the log's tail, at the cost of every
     # worker replaying the whole log.
-    standby: bool = field(default_factory=lambda: _env(
-        "STREAMLEDGER_STANDBY", "false").strip().lower() in ("1", "true", "yes", "on"))
+    standby: bool = field(default_factory=lambda: _flag("STREAMLEDGER_STANDBY"))
     session_timeout_ms: int = field(default_factory=lambda: int(_env("STREAMLEDGER_SESSION_TIMEOUT_MS", "10000")))
     # A worker told to stop (SIGTERM, Ctrl-C) exits after this long even if its shutdown
     # has not finished (e.g. the broker is gone).
