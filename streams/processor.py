@@ -60,6 +60,10 @@ class BatchResult:
     replayed: int = 0
     per_ledger: dict[str, list[int]] = field(default_factory=dict)  # ledger -> [applied, rejected]
 
+    @property
+    def requests(self) -> int:
+        return self.committed + self.rejected + self.replayed
+
     def add(self, other: "BatchResult") -> None:
         self.committed += other.committed
         self.rejected += other.rejected

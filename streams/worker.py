@@ -225,14 +225,12 @@ class Worker:
                     if partition in self.processors or self.owns(partition):
                         continue
                     standby = self.standbys.get(partition)
+                    first = standby is None
                     started = time.monotonic()
                     try:
-                        if standby is None:
-                            standby = await self._run(PartitionProcessor, self.settings, partition)
-                            self.standbys[partition] = standby
-                            first = True
-                        else:
-                            first = False
+                        if first:
+                            standby = self.standbys[partition] = await self._run(
+                                PartitionProcessor, self.settings, partition)
                         replayed = await self._run(standby.recover)
                     except KafkaException as error:
                         log.warning("standby of partition %d: catching up failed (%s)", partition, error)
@@ -374,7 +372,7 @@ class Worker:
                 log.warning("round failed (%s); retrying in %.1fs", error, delay)
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, 5.0)
-        metrics.batch_requests.observe(result.committed + result.rejected + result.replayed)
+        metrics.batch_requests.observe(result.requests)
         for ledger, (applied, rejected) in result.per_ledger.items():
             if applied:
                 metrics.applied.labels(ledger).inc(applied)
@@ -402,10 +400,9 @@ class Worker:
         ended = time.perf_counter()
         if ended - started > self.settings.slow_round_ms / 1000:
             steps = {"apply": applied_at - started, **self.writer.timings, "store": ended - committed_at}
-            requests = result.committed + result.rejected + result.replayed
-            log.info("slow round: %d requests in %.0f ms (%s)", requests, (ended - started) * 1000,
+            log.info("slow round: %d requests in %.0f ms (%s)", result.requests, (ended - started) * 1000,
                      ", ".join(f"{name} {seconds * 1000:.1f}" for name, seconds in steps.items()),
-                     extra={"requests": requests, **{f"{name}_ms": round(seconds * 1000, 2)
+                     extra={"requests": result.requests, **{f"{name}_ms": round(seconds * 1000, 2)
                                                     for name, seconds in steps.items()}})
         return result
 

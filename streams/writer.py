@@ -120,7 +120,7 @@ class Writer:
         self.epoch = 0
         self._helper = ThreadPoolExecutor(1, thread_name_prefix="send-offsets")
         self._abandoned: list[Producer] = []  # stuck in librdkafka: kept alive, never used
-        self._began: float | None = None  # monotonic time the open transaction began
+        self._began: float | None = None  # perf_counter() when the open transaction began
         # Seconds spent in the last transaction's steps: produce, flush, offsets, commit.
         self.timings: dict[str, float] = {}
         self._watchdog: threading.Thread | None = None
