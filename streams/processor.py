@@ -98,6 +98,10 @@ class PartitionProcessor:
         self.recovered_entries = 0
         # The writer epoch this store last caught up in (see `Writer.epoch`).
         self.epoch = 0
+        # The high watermark each topic was last caught up to: the same high again means
+        # nothing was logged since (a transactional partition ends with a marker, so its
+        # high stays above the recorded position even when everything was replayed).
+        self._reached: dict[str, int] = {}
 
     # -- lifecycle -------------------------------------------------------------------
 
@@ -126,19 +130,30 @@ class PartitionProcessor:
 
     # -- recovery ----------------------------------------------------------------------
 
-    def recover(self) -> int:
+    def recover(self, watermarks: dict[str, tuple[int, int]] | None = None) -> int:
+        """Catch up from the log; -> records replayed. `watermarks` ({topic: (low, high)},
+        read_uncommitted) may come from the caller's own probe (warm standbys probe every
+        partition with one consumer); otherwise they are probed here."""
+        if watermarks is None:
+            probe = watermark_probe(self.settings)
+            try:
+                watermarks = log_watermarks(probe, self.partition)
+            finally:
+                probe.close()
+        if all(watermarks[topic][1] == self._reached.get(topic) for topic in (COMMITTED, REJECTED)):
+            return 0  # nothing logged since the last catch-up
         replayed = 0
         label = str(self.partition)
         metrics.recovering.labels(label).set(1)
         try:
             with _RECOVERIES:
                 for topic in (COMMITTED, REJECTED):
-                    replayed += self._catch_up(topic)
+                    replayed += self._catch_up(topic, *watermarks[topic])
         finally:
             metrics.recovering.labels(label).set(0)
         return replayed
 
-    def _catch_up(self, topic: str) -> int:
+    def _catch_up(self, topic: str, low: int, high: int) -> int:
         """Replay `topic` from the store's recorded position to its high watermark.
 
         The end is the high watermark (read_uncommitted), not the last stable offset: a
@@ -150,22 +165,11 @@ class PartitionProcessor:
         the middle of one resumes where it stopped.
         """
         start = self.store.position(topic) or 0
-        common = {
-            "bootstrap.servers": self.settings.bootstrap_servers,
-            "group.id": f"{self.settings.app_id}-recovery",
-            "enable.auto.commit": False,
-            "socket.nagle.disable": True,
-        }
         partition = TopicPartition(topic, self.partition)
-        probe = Consumer({**common, "isolation.level": "read_uncommitted"})
-        try:
-            low, high = probe.get_watermark_offsets(partition, timeout=10, cached=False)
-        finally:
-            probe.close()
-        if high <= start:
+        if high <= start or high == self._reached.get(topic):
             return 0
         consumer = Consumer({
-            **common,
+            **_consumer_common(self.settings),
             "isolation.level": "read_committed",
             "auto.offset.reset": "earliest",
             # A log entry of a 1000-posting transaction is ~150 KB: bound what librdkafka
@@ -218,6 +222,7 @@ class PartitionProcessor:
                     ))
             self.store.commit(overlay.writes(), {topic: max(position, start)})
             metrics.recovery_replayed.labels(label).set(count)
+            self._reached[topic] = high
         finally:
             consumer.close()
         return count
@@ -346,6 +351,27 @@ class PartitionProcessor:
                     {}, now,
                 ))
         return decoded
+
+
+def _consumer_common(settings: Settings) -> dict:
+    return {
+        "bootstrap.servers": settings.bootstrap_servers,
+        "group.id": f"{settings.app_id}-recovery",
+        "enable.auto.commit": False,
+        "socket.nagle.disable": True,
+    }
+
+
+def watermark_probe(settings: Settings) -> Consumer:
+    """A consumer for `get_watermark_offsets` of the log topics: read_uncommitted, so the
+    high watermark includes a transaction still open (a catch-up waits it out)."""
+    return Consumer({**_consumer_common(settings), "isolation.level": "read_uncommitted"})
+
+
+def log_watermarks(probe: Consumer, partition: int) -> dict[str, tuple[int, int]]:
+    """{topic: (low, high) watermarks} of the partition's log topics."""
+    return {topic: probe.get_watermark_offsets(TopicPartition(topic, partition), timeout=10, cached=False)
+            for topic in (COMMITTED, REJECTED)}
 
 
 def weight(items: list) -> tuple[int, int]:

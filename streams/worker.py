@@ -23,7 +23,7 @@ from faust.types import TP
 
 from streams import metrics
 from streams.logs import exit_process
-from streams.processor import BatchResult, PartitionProcessor, weight
+from streams.processor import BatchResult, PartitionProcessor, log_watermarks, watermark_probe, weight
 from streams.settings import Settings
 from streams.topics import REQUESTS
 from streams.writer import Fenced, GroupMoved, Writer, group_metadata
@@ -213,32 +213,45 @@ class Worker:
         """Warm standbys (STREAMLEDGER_STANDBY): keep a store of every partition this worker
         does not own caught up from the log, every few seconds, so that taking one over
         (its owner failed or left) replays only what was logged since. Costs the replay of
-        the whole log in every worker, one partition at a time beside the rounds."""
-        while True:
-            await asyncio.sleep(STANDBY_INTERVAL_S)
-            if not self.started:
-                continue
-            for partition in range(self.settings.partitions):
-                if partition in self.processors or self.owns(partition):
+        the whole log in every worker, one partition at a time beside the rounds.
+
+        One consumer probes every partition's high watermarks; a standby whose topics have
+        not moved since its last catch-up is not read at all."""
+        probe = None
+        try:
+            while True:
+                await asyncio.sleep(STANDBY_INTERVAL_S)
+                if not self.started:
                     continue
-                async with self._lock(partition):
+                if probe is None:
+                    probe = await self._run(watermark_probe, self.settings)
+                for partition in range(self.settings.partitions):
                     if partition in self.processors or self.owns(partition):
                         continue
-                    standby = self.standbys.get(partition)
-                    first = standby is None
-                    started = time.monotonic()
-                    try:
-                        if first:
-                            standby = self.standbys[partition] = await self._run(
-                                PartitionProcessor, self.settings, partition)
-                        replayed = await self._run(standby.recover)
-                    except KafkaException as error:
-                        log.warning("standby of partition %d: catching up failed (%s)", partition, error)
-                        continue
-                    seconds = time.monotonic() - started
-                    (log.info if first else log.debug)(
-                        "standby of partition %d: replayed %d log records in %.2fs", partition, replayed, seconds,
-                        extra={"partition": partition, "replayed": replayed, "seconds": round(seconds, 3)})
+                    async with self._lock(partition):
+                        if partition in self.processors or self.owns(partition):
+                            continue
+                        await self._keep_standby(probe, partition)
+        finally:
+            if probe is not None:
+                await self._run(probe.close)
+
+    async def _keep_standby(self, probe, partition: int) -> None:
+        standby = self.standbys.get(partition)
+        first = standby is None
+        started = time.monotonic()
+        try:
+            watermarks = await self._run(log_watermarks, probe, partition)
+            if first:
+                standby = self.standbys[partition] = await self._run(PartitionProcessor, self.settings, partition)
+            replayed = await self._run(standby.recover, watermarks)
+        except KafkaException as error:
+            log.warning("standby of partition %d: catching up failed (%s)", partition, error)
+            return
+        seconds = time.monotonic() - started
+        (log.info if first else log.debug)(
+            "standby of partition %d: replayed %d log records in %.2fs", partition, replayed, seconds,
+            extra={"partition": partition, "replayed": replayed, "seconds": round(seconds, 3)})
 
     async def rewind(self, partitions) -> None:
         """Read partitions still ours again from their committed offsets (their fetched

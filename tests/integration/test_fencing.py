@@ -26,7 +26,7 @@ from ledger.commands import CreateLedger, Request
 from ledger.machine import execute
 from ledger.state import LEDGER, MemoryStore, Overlay
 from streams import codecs
-from streams.processor import PartitionProcessor
+from streams.processor import PartitionProcessor, watermark_probe
 from streams.settings import Settings
 from streams.topics import producer_config
 from streams.writer import Emission, GroupMoved, Writer
@@ -136,7 +136,12 @@ def test_catch_up_waits_for_a_transaction_left_open(kafka_bootstrap, tmp_path, r
     try:
         started = time.monotonic()
         resolver.start()
-        replayed = processor._catch_up(topic)
+        probe = watermark_probe(settings)  # the end a catch-up waits for
+        try:
+            low, high = probe.get_watermark_offsets(TopicPartition(topic, 0), timeout=10, cached=False)
+        finally:
+            probe.close()
+        replayed = processor._catch_up(topic, low, high)
         waited = time.monotonic() - started
         assert waited >= delay - 0.5, f"the catch-up overtook an open transaction ({waited:.2f}s)"
         if resolution == "commit":

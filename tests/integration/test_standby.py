@@ -14,7 +14,9 @@ import uuid
 
 import pytest
 
+from streams import processor as processor_module
 from streams import worker as worker_module
+from streams.processor import PartitionProcessor, log_watermarks, watermark_probe
 from streams.settings import Settings
 from streams.topics import partition_for
 from streams.worker import Worker
@@ -68,6 +70,47 @@ def test_standbys_stay_caught_up_and_make_a_takeover_replay_only_the_tail(stack,
             await worker.close()
 
     asyncio.run(scenario())
+
+
+def test_a_standby_with_nothing_new_logged_reads_nothing(stack, kafka_bootstrap, tmp_path, monkeypatch):
+    """A standby catches up every few seconds: when its topics' high watermarks have not
+    moved since its last catch-up, it must not open a consumer to read them (a
+    transactional partition ends with a marker, so "high > recorded position" always
+    holds and cannot tell)."""
+    ledger = f"standby-idle-{uuid.uuid4().hex[:8]}"
+    stack.create_ledger(ledger)
+    partition = partition_for(ledger.encode(), P)
+    settings = dataclasses.replace(
+        Settings(bootstrap_servers=kafka_bootstrap), app_id=f"standby-{uuid.uuid4().hex[:6]}",
+        data_dir=tmp_path, partitions=P)
+    processor = PartitionProcessor(settings, partition)
+    probe = watermark_probe(settings)
+    opened: list[str] = []
+
+    class CountingConsumer(processor_module.Consumer):
+        def __init__(self, config: dict) -> None:
+            opened.append(config["isolation.level"])
+            super().__init__(config)
+
+    try:
+        assert processor.recover(log_watermarks(probe, partition)) >= 1  # the ledger's creation
+        monkeypatch.setattr(processor_module, "Consumer", CountingConsumer)
+
+        assert processor.recover(log_watermarks(probe, partition)) == 0
+        assert opened == []
+        assert processor.recover() == 0  # probing by itself: a watermark probe, no reader
+        assert opened == ["read_uncommitted"]
+
+        reply = http("POST", f"{stack.url}/v2/{ledger}/transactions", {
+            "postings": [{"source": "world", "destination": "users:1", "amount": 7, "asset": "USD"}]})
+        assert reply.status == 200, reply.body
+        opened.clear()
+        assert processor.recover(log_watermarks(probe, partition)) >= 1  # the new entry
+        assert opened == ["read_committed"]
+        assert asyncio.run(_balance(processor.store, ledger, "users:1")) == 7
+    finally:
+        probe.close()
+        processor.close()
 
 
 async def _balance(store, ledger: str, account: str) -> int:
