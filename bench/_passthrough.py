@@ -5,11 +5,13 @@ the wire-batch records of an input topic and, for each one, produces `n` records
 output topic, where `n` is the number of requests in the input record (read from its `n`
 header: the payload is never decoded) and the values are the worker's own outcome values
 sampled by the bench (`--values-file`, cycled through), in one Kafka
-transaction per partition per consumed batch, like the worker commits:
+transaction per round, as the worker commits (streams/worker.py, streams/writer.py):
 
     poll one record, then consume(up to batch-max, within linger-ms)   # as the worker takes
-    for each partition in the batch:                     # one transactional producer each
-        begin_transaction → produce its outputs → send_offsets_to_transaction → commit
+    split it into rounds of at most batch-max requests (a record is never split)
+    for each round:                         # two transactional producers, taking turns
+        begin_transaction → produce every output of the round → flush
+        → send_offsets_to_transaction (every partition of the round) → commit
 
 So it moves the same bytes in and out as the worker (same input records, one output record
 per request, of the worker's sizes and compressibility) and pays the same Kafka transaction
@@ -58,14 +60,14 @@ def main(argv: list[str] | None = None) -> int:
     signal.signal(signal.SIGTERM, on_term)
     signal.signal(signal.SIGINT, on_term)
 
-    producers = {}
-    for p in range(args.partitions):
+    producers = []
+    for turn in range(2):
         producer = Producer(producer_config(args.bootstrap, **{
-            "transactional.id": f"{args.group}-passthrough-{p}",
+            "transactional.id": f"{args.group}-passthrough-{turn}",
             "linger.ms": 0, "compression.type": "lz4", "transaction.timeout.ms": 60_000,
         }))
         producer.init_transactions(30)
-        producers[p] = producer
+        producers.append(producer)
     consumer = Consumer({
         "bootstrap.servers": args.bootstrap,
         "group.id": args.group,
@@ -97,39 +99,58 @@ def main(argv: list[str] | None = None) -> int:
                 continue
             messages = [first, *consumer.consume(args.batch_max - 1, timeout=args.linger_ms / 1000)]
             t0 = time.perf_counter()
-            by_partition: dict[int, list] = {}
-            for message in messages:
-                if message.error() is not None:
-                    raise KafkaException(message.error())
-                by_partition.setdefault(message.partition(), []).append(message)
-            for partition, batch in by_partition.items():
-                producer = producers[partition]
+            for round_ in _rounds(messages, args.batch_max):
+                producer = producers[transactions % 2]
                 producer.begin_transaction()
-                for message in batch:
-                    n = 1
-                    for name, value in message.headers() or ():
-                        if name == "n":
-                            n = int(value)
+                offsets: dict[int, int] = {}
+                for message, n in round_:
+                    partition = message.partition()
                     key = message.key()
                     for _ in range(n):
                         producer.produce(args.out_topic, next_value(), key, partition=partition,
                                          headers=out_headers)
-                        producer.poll(0)
+                    offsets[partition] = message.offset() + 1
                     requests += n
-                last = batch[-1]
+                if producer.flush(30):
+                    raise KafkaException("records not delivered in 30 s")
                 producer.send_offsets_to_transaction(
-                    [TopicPartition(last.topic(), partition, last.offset() + 1)], metadata, 30)
+                    [TopicPartition(args.in_topic, p, o) for p, o in offsets.items()], metadata, 30)
                 producer.commit_transaction(60)
                 transactions += 1
             seen += len(messages)
             busy += time.perf_counter() - t0
     finally:
         consumer.close()
-        for producer in producers.values():
+        for producer in producers:
             producer.flush(5)
     print(json.dumps({"records_in": seen, "requests_out": requests, "transactions": transactions,
                       "busy_s": round(busy, 3)}), flush=True)
     return 0 if seen >= args.expected else 1
+
+
+def _rounds(messages, requests_max: int):
+    """[(message, requests in it)] per round, as streams.worker.Worker._rounds splits a
+    take: partition by partition, at most `requests_max` requests (a record alone may
+    exceed it)."""
+    by_partition: dict[int, list] = {}
+    for message in messages:
+        if message.error() is not None:
+            raise KafkaException(message.error())
+        by_partition.setdefault(message.partition(), []).append(message)
+    current, requests = [], 0
+    for batch in by_partition.values():
+        for message in batch:
+            n = 1
+            for name, value in message.headers() or ():
+                if name == "n":
+                    n = int(value)
+            if current and requests + n > requests_max:
+                yield current
+                current, requests = [], 0
+            current.append((message, n))
+            requests += n
+    if current:
+        yield current
 
 
 if __name__ == "__main__":

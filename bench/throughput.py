@@ -27,9 +27,9 @@ noisy shared machine; absolutes move with the neighbours):
    same wire-batch records (a copy of phase 1's, produced the same way to a bench topic)
    and for each input record transactionally produces one record per request in it, whose
    value is one of the worker's own outcome values sampled in phase 1 (same sizes, same lz4
-   compressibility; plus a request_id header of the same length), one transaction per
-   partition per consumed batch
-   (begin → produce → send_offsets_to_transaction → commit). It never decodes a payload
+   compressibility; plus a request_id header of the same length), in rounds of at most
+   STREAMLEDGER_BATCH_MAX requests with one transaction each, as the worker commits
+   (begin → produce → flush → send_offsets_to_transaction → commit). It never decodes a payload
    (the request count comes from an `n` header on the copy). So it moves the same bytes in
    and out and pays the same transaction protocol as the worker, and
    `baseline_passthrough_msgs_per_s` counts requests (outputs) per second, measured with
