@@ -2,6 +2,7 @@
 
     .venv/bin/python bench/failover.py            # 1,000,000 accounts
     .venv/bin/python bench/failover.py --quick    # 50,000 accounts, a smoke run
+    .venv/bin/python bench/failover.py --kill     # worker 1 killed (kill -9) instead of stopped
 
 Twice in one run — STREAMLEDGER_STANDBY off, then on — each on a fresh local Kafka:
 
@@ -12,8 +13,9 @@ Twice in one run — STREAMLEDGER_STANDBY off, then on — each on a fresh local
                keeps a caught-up copy of the partitions the other owns; the bench waits
                until worker 2 logged its standbys ready.
 3. failover  — worker 1 is stopped (SIGTERM: it leaves the group at once, so no session
-               timeout to wait out), and one probe transaction per ledger is produced right
-               away. `failover_s` = stop -> the last probe's outcome, all from worker 2;
+               timeout to wait out; with --kill, kill -9: the group waits out its session
+               first), and one probe transaction per ledger is produced right away.
+               `failover_s` = stop -> the last probe's outcome, all from worker 2;
                `replayed_records` = what worker 2 replayed to take worker 1's partitions.
 
 Prints its parameters first and a single JSON object as its last line. No thresholds.
@@ -82,6 +84,13 @@ class Workers:
         stop_process(self.processes.get(name), 60)
         self.processes[name] = None
 
+    def kill(self, name: str) -> None:
+        process = self.processes.get(name)
+        if process is not None:
+            process.kill()  # SIGKILL: no LeaveGroup, no cleanup
+            process.wait(30)
+        self.processes[name] = None
+
     def close(self) -> None:
         for name in list(self.processes):
             self.stop(name)
@@ -146,10 +155,10 @@ def one_run(args, standby: bool) -> dict:
             log(f"[standby={standby}] worker 2's standbys of {sorted(others)} ready in {time.monotonic() - t1:.1f} s")
         time.sleep(2 * 2.0)  # a standby round more (the log moved on while they caught up)
 
-        # 3. worker 1 leaves; one probe per ledger at once
+        # 3. worker 1 leaves (or dies); one probe per ledger at once
         before = workers.text("w2")
         stopped = time.monotonic()
-        workers.stop("w1")
+        (workers.kill if args.kill else workers.stop)("w1")
         probes = [Request(f"{run}-probe-{i:02d}", ledger, CreateTransaction(
             postings=(Posting("world", "probe", 1, ASSET),)), received_at=now_micros())
             for i, ledger in enumerate(ledgers)]
@@ -187,12 +196,14 @@ def main(argv=None) -> int:
     parser.add_argument("--partitions", type=int, default=8)
     parser.add_argument("--timeout", type=float, default=900.0)
     parser.add_argument("--keep", action="store_true")
+    parser.add_argument("--kill", action="store_true", help="kill -9 worker 1 instead of SIGTERM")
     parser.add_argument("--quick", action="store_true", help="50,000 accounts")
     args = parser.parse_args(argv)
     if args.quick:
         args.accounts = 50_000
     print("parameters: " + json.dumps(vars(args)), flush=True)
-    result: dict = {"accounts": args.accounts, "ledgers": args.ledgers, "partitions": args.partitions}
+    result: dict = {"accounts": args.accounts, "ledgers": args.ledgers, "partitions": args.partitions,
+                    "worker_1_stopped_by": "SIGKILL" if args.kill else "SIGTERM"}
     for standby in (False, True):
         result["with_standby" if standby else "without_standby"] = one_run(args, standby)
     result["machine"] = {"nproc": os.cpu_count(), "python": platform.python_version(), "platform": platform.platform()}
