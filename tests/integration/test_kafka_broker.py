@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import time
 import uuid
+from pathlib import Path
 
 import pytest
 from confluent_kafka import Consumer, KafkaError, Producer, TopicPartition
@@ -268,6 +269,18 @@ async def test_partition_placement_matches_partition_for(kafka_bootstrap):
                 assert md.partition == partition_for(k, partitions), k
         finally:
             await ap.stop()
+
+
+@pytest.mark.integration
+def test_the_broker_runs_with_its_whole_heap_and_logs_its_gc_pauses(kafka_broker):
+    """As Kafka's start script runs it: -Xms = -Xmx (a heap grown from a small -Xms stayed
+    small under load, and young-GC pauses came every 0.65 s), G1 with Kafka's pause goal."""
+    argv = Path(f"/proc/{kafka_broker.pid}/cmdline").read_bytes().split(b"\0")
+    heap = kafka_broker.heap.encode()
+    assert b"-Xms" + heap in argv and b"-Xmx" + heap in argv
+    assert b"-XX:MaxGCPauseMillis=20" in argv
+    gc_log = kafka_broker.logs_dir / "gc.log"
+    assert gc_log.is_file() and "Using G1" in gc_log.read_text()
 
 
 @pytest.mark.integration
