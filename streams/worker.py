@@ -234,7 +234,7 @@ class Worker:
                         await self._keep_standby(probe, partition)
         finally:
             if probe is not None:
-                await self._run(probe.close)
+                probe.close()  # never joined a group: nothing to wait for (and the executor may be gone)
 
     async def _keep_standby(self, probe, partition: int) -> None:
         standby = self.standbys.get(partition)
