@@ -147,6 +147,7 @@ class Worker:
         self.group = group  # -> the consumer's group metadata (bytes), None outside a generation
         self.processors: dict[int, PartitionProcessor] = {}
         self.standbys: dict[int, PartitionProcessor] = {}  # warm copies of partitions not ours
+        self._standby_probe: Consumer | None = None  # their high watermarks, every partition
         self.started = False  # has the group ever assigned us partitions?
         self._locks: dict[int, asyncio.Lock] = {}
         self.writer = Writer(settings.bootstrap_servers, f"{settings.app_id}-worker-{settings.worker_id}")
@@ -217,24 +218,19 @@ class Worker:
 
         One consumer probes every partition's high watermarks; a standby whose topics have
         not moved since its last catch-up is not read at all."""
-        probe = None
-        try:
-            while True:
-                await asyncio.sleep(STANDBY_INTERVAL_S)
-                if not self.started:
+        while True:
+            await asyncio.sleep(STANDBY_INTERVAL_S)
+            if not self.started:
+                continue
+            if self._standby_probe is None:  # closed by close(), once nothing uses it
+                self._standby_probe = await self._run(watermark_probe, self.settings)
+            for partition in range(self.settings.partitions):
+                if partition in self.processors or self.owns(partition):
                     continue
-                if probe is None:
-                    probe = await self._run(watermark_probe, self.settings)
-                for partition in range(self.settings.partitions):
+                async with self._lock(partition):
                     if partition in self.processors or self.owns(partition):
                         continue
-                    async with self._lock(partition):
-                        if partition in self.processors or self.owns(partition):
-                            continue
-                        await self._keep_standby(probe, partition)
-        finally:
-            if probe is not None:
-                probe.close()  # never joined a group: nothing to wait for (and the executor may be gone)
+                    await self._keep_standby(self._standby_probe, partition)
 
     async def _keep_standby(self, probe, partition: int) -> None:
         standby = self.standbys.get(partition)
@@ -440,6 +436,9 @@ class Worker:
             await self._fetching(self.fetcher.consumer.close)
             self.fetcher.executor.shutdown(wait=False)
         self.executor.shutdown(wait=True)
+        if self._standby_probe is not None:  # after the executor: no call of it in flight
+            self._standby_probe.close()
+            self._standby_probe = None
 
 
 def _unacknowledge(events) -> None:
