@@ -149,6 +149,7 @@ class Worker:
         self.standbys: dict[int, PartitionProcessor] = {}  # warm copies of partitions not ours
         self._standby_probe: Consumer | None = None  # their high watermarks, every partition
         self.started = False  # has the group ever assigned us partitions?
+        self.closing = False  # close() has begun: nothing new is opened
         self._locks: dict[int, asyncio.Lock] = {}
         self.writer = Writer(settings.bootstrap_servers, f"{settings.app_id}-worker-{settings.worker_id}")
         self.fetcher: RequestFetcher | None = None  # set by create_app (tests drive process())
@@ -218,9 +219,9 @@ class Worker:
 
         One consumer probes every partition's high watermarks; a standby whose topics have
         not moved since its last catch-up is not read at all."""
-        while True:
+        while not self.closing:
             await asyncio.sleep(STANDBY_INTERVAL_S)
-            if not self.started:
+            if not self.started or self.closing:
                 continue
             if self._standby_probe is None:  # closed by close(), once nothing uses it
                 self._standby_probe = await self._run(watermark_probe, self.settings)
@@ -228,6 +229,9 @@ class Worker:
                 if partition in self.processors or self.owns(partition):
                     continue
                 async with self._lock(partition):
+                    # close() takes each standby's lock: none is opened again after it began.
+                    if self.closing:
+                        return
                     if partition in self.processors or self.owns(partition):
                         continue
                     await self._keep_standby(self._standby_probe, partition)
@@ -424,9 +428,10 @@ class Worker:
         return await asyncio.get_running_loop().run_in_executor(self.executor, function, *args)
 
     async def close(self) -> None:
+        self.closing = True
         for partition in list(self.processors):
             await self.release(partition)
-        for partition in list(self.standbys):
+        for partition in range(self.settings.partitions):  # incl. one keep_standbys is opening
             async with self._lock(partition):
                 standby = self.standbys.pop(partition, None)
                 if standby is not None:

@@ -72,6 +72,31 @@ def test_standbys_stay_caught_up_and_make_a_takeover_replay_only_the_tail(stack,
     asyncio.run(scenario())
 
 
+def test_close_while_standbys_are_kept_closes_them_all_and_ends_the_keeper(stack, kafka_bootstrap, tmp_path, monkeypatch):
+    """faust calls close() (before shutdown) while keep_standbys still runs: the keeper
+    must end without error and open nothing after it (the executor is gone then)."""
+    monkeypatch.setattr(worker_module, "STANDBY_INTERVAL_S", 0.05)
+    settings = dataclasses.replace(
+        Settings(bootstrap_servers=kafka_bootstrap), app_id=f"standby-{uuid.uuid4().hex[:6]}",
+        data_dir=tmp_path, partitions=P, standby=True)
+    worker = Worker(settings, owns=lambda p: False)
+    worker.started = True
+
+    async def scenario() -> None:
+        keeper = asyncio.ensure_future(worker.keep_standbys())
+        for _ in range(600):
+            if worker.standbys:
+                break
+            await asyncio.sleep(0.05)
+        else:
+            raise AssertionError("no standby was opened")
+        await worker.close()
+        await asyncio.wait_for(keeper, 10)  # ends by itself, and raises nothing
+        assert worker.standbys == {}
+
+    asyncio.run(scenario())
+
+
 def test_a_standby_with_nothing_new_logged_reads_nothing(stack, kafka_bootstrap, tmp_path, monkeypatch):
     """A standby catches up every few seconds: when its topics' high watermarks have not
     moved since its last catch-up, it must not open a consumer to read them (a
