@@ -168,6 +168,8 @@ class Worker:
         processor = self.processors.get(partition)
         if processor is not None:
             return processor
+        if self.closing:
+            raise NotOwned(f"partition {partition}: this worker is closing")
         if not self.owns(partition):
             raise NotOwned(f"partition {partition} is not assigned to this worker")
         # A warm standby of it (STREAMLEDGER_STANDBY) only has the log's tail to catch up.
@@ -429,7 +431,9 @@ class Worker:
 
     async def close(self) -> None:
         self.closing = True
-        for partition in list(self.processors):
+        # Every partition, under its lock: one being taken over right now (not among the
+        # processors yet) is waited for and closed too, and none is opened after this.
+        for partition in range(self.settings.partitions):
             await self.release(partition)
         for partition in range(self.settings.partitions):  # incl. one keep_standbys is opening
             async with self._lock(partition):
