@@ -204,7 +204,9 @@ class Worker:
         """Stop fetching a partition and close its processor once no open or round of it
         is running."""
         async with self._lock(partition):
-            if self.fetcher is not None:
+            # (Un)assignments of a partition happen under its lock: no hop to the fetch
+            # thread, which may be waiting out a take, for a partition it does not fetch.
+            if self.fetcher is not None and partition in self.fetcher.assigned:
                 await self._fetching(self.fetcher.unassign, partition)
             processor = self.processors.pop(partition, None)
             if processor is not None:
