@@ -140,14 +140,16 @@ class PartitionProcessor:
                 watermarks = log_watermarks(probe, self.partition)
             finally:
                 probe.close()
-        if all(watermarks[topic][1] == self._reached.get(topic) for topic in (COMMITTED, REJECTED)):
-            return 0  # nothing logged since the last catch-up
+        # A topic whose high is the one last caught up to logged nothing since: not read.
+        moved = [topic for topic in (COMMITTED, REJECTED) if watermarks[topic][1] != self._reached.get(topic)]
+        if not moved:
+            return 0
         replayed = 0
         label = str(self.partition)
         metrics.recovering.labels(label).set(1)
         try:
             with _RECOVERIES:
-                for topic in (COMMITTED, REJECTED):
+                for topic in moved:
                     replayed += self._catch_up(topic, *watermarks[topic])
         finally:
             metrics.recovering.labels(label).set(0)
@@ -166,7 +168,7 @@ class PartitionProcessor:
         """
         start = self.store.position(topic) or 0
         partition = TopicPartition(topic, self.partition)
-        if high <= start or high == self._reached.get(topic):
+        if high <= start:
             return 0
         consumer = Consumer({
             **_consumer_common(self.settings),
