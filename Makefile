@@ -2,10 +2,15 @@
 # whole suite. Both set up what they need: the venv, the packages, the Kafka jars.
 
 PYTHON ?= python3
+# rustup installs cargo here; a non-login shell (CI) may not have it on its PATH.
+export PATH := $(HOME)/.cargo/bin:$(PATH)
 VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed-$(shell cat pyproject.toml | sha1sum | cut -c1-12)
 SHARED := ../shared/conformance
+# The worker's native fast path (Rust, built with maturin into the venv).
+NATIVE_SRC   := native/Cargo.toml native/Cargo.lock native/pyproject.toml $(wildcard native/src/*.rs)
+NATIVE_STAMP := $(VENV)/.native-$(shell cat $(NATIVE_SRC) | sha1sum | cut -c1-12)
 
 .PHONY: install jars dev test test-unit chaos bench bench-quick conformance clean
 
@@ -16,7 +21,13 @@ $(STAMP): pyproject.toml
 	@rm -f $(VENV)/.installed-*
 	@touch $(STAMP)
 
-install: $(STAMP)
+$(NATIVE_STAMP): $(STAMP) $(NATIVE_SRC)
+	@command -v cargo >/dev/null || { echo "cargo not found: the worker's native path (native/) is Rust; install it with rustup" >&2; exit 1; }
+	$(BIN)/python -m pip install -q ./native
+	@rm -f $(VENV)/.native-*
+	@touch $(NATIVE_STAMP)
+
+install: $(STAMP) $(NATIVE_STAMP)
 
 jars: install
 	@$(BIN)/python -c "from streamledger.kafka_local import ensure_jars; print('kafka jars:', ensure_jars())"
@@ -49,4 +60,4 @@ bench-quick: jars
 	$(BIN)/python bench/throughput.py --quick
 
 clean:
-	rm -rf $(VENV) .data build *.egg-info
+	rm -rf $(VENV) .data build *.egg-info native/target

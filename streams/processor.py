@@ -29,6 +29,11 @@ from streams.store import PartitionStore, rocksdb_options
 from streams.topics import COMMITTED, REJECTED, REPLIES, REQUESTS, partition_for
 from streams.writer import Emission
 
+try:  # the native fast path, built from native/ by `make install` (needs cargo)
+    import streamledger_native
+except ImportError:  # pragma: no cover - every request then takes the Python path
+    streamledger_native = None
+
 log = logging.getLogger("streamledger.processor")
 
 
@@ -76,11 +81,12 @@ class BatchResult:
 
 @dataclass
 class Applied:
-    """One partition's share of a round: its state changes, what to publish, and the
-    offset of ledger.requests they take the partition to."""
+    """One partition's share of a round: its state changes (an overlay of the Python path,
+    or a round of the native one), what to publish, and the offset of ledger.requests they
+    take the partition to."""
 
     partition: int
-    overlay: Overlay
+    overlay: "Overlay | streamledger_native.Round"
     emissions: list[Emission]
     next_offset: int
     result: BatchResult
@@ -95,6 +101,7 @@ class PartitionProcessor:
             path, rocksdb_options(settings.rocksdb_block_cache_mb, settings.rocksdb_write_buffer_mb),
             settings.store_cache_entries,
         )
+        self.engine = native_engine(settings, partition)
         self.recovered_entries = 0
         # The writer epoch this store last caught up in (see `Writer.epoch`).
         self.epoch = 0
@@ -199,7 +206,7 @@ class PartitionProcessor:
                     position = message.offset() + 1
                     count += 1
                 if pending >= _REPLAY_COMMIT_WEIGHT:
-                    self.store.commit(overlay.writes(), {topic: position})
+                    self._commit_overlay(overlay, {topic: position})
                     overlay, pending = Overlay(self.store), 0
                     metrics.recovery_replayed.labels(label).set(count)
                     log.info("partition %d: replayed %d records of %s", self.partition, count, topic,
@@ -222,7 +229,7 @@ class PartitionProcessor:
                         f"recovery of {topic}[{self.partition}] made no progress for {_REPLAY_STALL_SECONDS}s "
                         f"(at {fetched}, end {high}: a transaction left open?)",
                     ))
-            self.store.commit(overlay.writes(), {topic: max(position, start)})
+            self._commit_overlay(overlay, {topic: max(position, start)})
             metrics.recovery_replayed.labels(label).set(count)
             self._reached[topic] = high
         finally:
@@ -252,8 +259,14 @@ class PartitionProcessor:
     # -- the write path ----------------------------------------------------------------
 
     def decode(self, payloads: list[tuple[int, bytes | None, bytes | None]], now: int) -> list[tuple[int, list]]:
-        """(offset, requests or refusals) of each request record, in order."""
-        return [(offset, self._decode(offset, key, value, now)) for offset, key, value in payloads]
+        """(offset, requests or refusals) of each request record, in order; a record of
+        simple transfers only is kept whole for the native path (a `Batch`)."""
+        engine = self.engine
+        decoded = []
+        for offset, key, value in payloads:
+            batch = None if engine is None else engine.decode(key, value)
+            decoded.append((offset, batch if batch is not None else self._decode(offset, key, value, now)))
+        return decoded
 
     def apply(self, records: list[tuple[int, list]], now: int) -> Applied:
         """Apply a round's request records of this partition to an overlay of the store.
@@ -269,6 +282,14 @@ class PartitionProcessor:
         A request redelivered anyway (its offset commit lost in a rebalance, or produced
         twice) is recognised by its request id and answered with its first outcome.
         """
+        if self.engine is not None and all(type(items) is _Batch for _offset, items in records):
+            round_ = self.engine.apply([items for _offset, items in records], now, self.store.get_many)
+            if round_ is not None:
+                result = BatchResult(round_.committed, round_.rejected, 0, round_.per_ledger)
+                return Applied(self.partition, round_, round_.emissions, records[-1][0] + 1, result)
+        if self.engine is not None:  # some or all of it takes the Python path
+            records = [(offset, self._decode(offset, items.key, items.payload, now) if type(items) is _Batch else items)
+                       for offset, items in records]
         overlay = Overlay(self.store)
         result = BatchResult()
         emissions: list[Emission] = []
@@ -287,7 +308,17 @@ class PartitionProcessor:
         ledger.committed / ledger.rejected it reflects."""
         positions = {topic: written[(topic, self.partition)]
                      for topic in (COMMITTED, REJECTED) if (topic, self.partition) in written}
-        self.store.commit(applied.overlay.writes(), positions)
+        if isinstance(applied.overlay, Overlay):
+            self._commit_overlay(applied.overlay, positions)
+        else:
+            self.store.commit_native(applied.overlay, positions)
+            self.engine.commit(applied.overlay)  # type: ignore[union-attr]
+
+    def _commit_overlay(self, overlay: Overlay, positions: dict[str, int]) -> None:
+        """Write what the Python path applied; the native path's values are then stale."""
+        self.store.commit(overlay.writes(), positions)
+        if self.engine is not None:
+            self.engine.clear()
 
     def _emission(self, overlay: Overlay, outcome, result: BatchResult) -> Emission:
         if isinstance(outcome, Replayed):
@@ -376,8 +407,25 @@ def log_watermarks(probe: Consumer, partition: int) -> dict[str, tuple[int, int]
             for topic in (COMMITTED, REJECTED)}
 
 
-def weight(items: list) -> tuple[int, int]:
+def native_engine(settings: Settings, partition: int):
+    """The partition's native fast path (`native/src/lib.rs`), or None: not built, or
+    turned off with STREAMLEDGER_NATIVE=off."""
+    if not settings.native or streamledger_native is None:
+        return None
+    return streamledger_native.Engine(
+        partition, settings.partitions, codecs.codec("RequestBatch").header,
+        codecs.codec("LogEntry").header, codecs.codec("Rejection").header, Emission,
+        COMMITTED, REJECTED, settings.store_cache_entries,
+    )
+
+
+_Batch = streamledger_native.Batch if streamledger_native is not None else type("NoBatch", (), {})
+
+
+def weight(items) -> tuple[int, int]:
     """(requests, postings) of a decoded record: what bounds a round."""
+    if type(items) is _Batch:
+        return len(items), items.postings
     return len(items), sum(_postings_of(item) for item in items)
 
 

@@ -72,6 +72,10 @@ class Settings:
     # (e.g. "experimental-oneof,experimental-overdraft-function").
     numscript_flags: frozenset = field(default_factory=lambda: frozenset(
         flag.strip() for flag in _env("STREAMLEDGER_NUMSCRIPT_FLAGS", "").split(",") if flag.strip()))
+    # The native fast path for simple transfers (native/, Rust). "off" sends every request
+    # through the Python state machine, which it reproduces byte for byte.
+    native: bool = field(default_factory=lambda: _env("STREAMLEDGER_NATIVE", "on").strip().lower()
+                         not in ("0", "false", "no", "off"))
     log_level: str = field(default_factory=lambda: _env("STREAMLEDGER_LOG_LEVEL", "info"))
 
     @property

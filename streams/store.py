@@ -183,6 +183,10 @@ class PartitionStore:
             cache[key] = value
         return value
 
+    def get_many(self, keys: list[bytes]) -> list[bytes | None]:
+        """Raw values of raw keys, in one RocksDB multi-get (the native path's reads)."""
+        return self._db.get(keys)
+
     def position(self, topic: str) -> int | None:
         raw = self._db.get(_POSITION_PREFIX + topic.encode())
         return None if raw is None else int(raw)
@@ -200,11 +204,7 @@ class PartitionStore:
                 batch.delete(encoded)
             else:
                 batch.put(encoded, encode_value(key[0], value))
-        for topic, offset in positions.items():
-            current = self.position(topic)
-            if current is not None and offset < current:
-                raise StoreError(f"position of {topic} would move back from {current} to {offset}")
-            batch.put(_POSITION_PREFIX + topic.encode(), str(offset).encode())
+        self._put_positions(batch, positions)
         self._db.write(batch)
         cache = self._cache
         if len(cache) + len(writes) > self._cache_entries_max:
@@ -215,6 +215,22 @@ class PartitionStore:
                 cache.pop(key, None)
             elif kind in _CACHED_KINDS:
                 cache[key] = value
+
+    def commit_native(self, round_, positions: dict[str, int]) -> None:
+        """`commit` of a native round (`streamledger_native.Round`): its writes are bytes
+        already. The decoded values cached here may be stale after it: all dropped."""
+        batch = WriteBatch(raw_mode=True)
+        round_.write_into(batch)
+        self._put_positions(batch, positions)
+        self._db.write(batch)
+        self._cache.clear()
+
+    def _put_positions(self, batch: WriteBatch, positions: dict[str, int]) -> None:
+        for topic, offset in positions.items():
+            current = self.position(topic)
+            if current is not None and offset < current:
+                raise StoreError(f"position of {topic} would move back from {current} to {offset}")
+            batch.put(_POSITION_PREFIX + topic.encode(), str(offset).encode())
 
     def scan(self, prefix: tuple, start: bytes | None = None, reverse: bool = False):
         """The core's `Reader.scan`: (last key segment, value) under `prefix`."""

@@ -1,0 +1,1091 @@
+//! The worker's native fast path: rounds of simple transfers, byte for byte as the Python
+//! state machine (`ledger/machine.py`) applies them.
+//!
+//! A *simple transfer* is a `CreateTransaction` with postings only: no script, metadata,
+//! reference, explicit timestamp, idempotency key or dry run, every field valid, amounts
+//! that fit in 38 digits. `Engine.decode` reads a `RequestBatch` record and keeps it only
+//! when every request in it is one; `Engine.apply` applies a partition's round of such
+//! records against the store, or answers `None` when anything in it needs the general path
+//! (a redelivered request id, an unknown ledger, a back-dated ledger, a volume beyond 127
+//! bits, ...): the caller then applies the same round in Python. Nothing is half done: a
+//! round is applied here whole or not at all.
+//!
+//! Everything this writes — the log entry's Avro, its Formance hash, the rejection, every
+//! store key and value — must equal what the Python path writes; `tests/test_native.py`
+//! runs both on the same requests and compares the bytes. The Python path stays the
+//! definition: change it first, then this, never this alone.
+
+use std::collections::{HashMap, HashSet};
+
+use pyo3::exceptions::PyValueError;
+use pyo3::prelude::*;
+use pyo3::types::{PyBytes, PyDict, PyList};
+use sha2::{Digest, Sha256};
+
+const POSTINGS_MAX: usize = 1_000;
+const ADDRESS_BYTES_MAX: usize = 1_024;
+const REQUEST_ID_MAX: usize = 256;
+// Amounts of more digits take the Python path (arbitrary precision); 38 digits fit an i128.
+const AMOUNT_DIGITS_MAX: usize = 38;
+const WORLD: &str = "world";
+const EFFECTIVE_VOLUMES_FEATURE: &str = "MOVES_HISTORY_POST_COMMIT_EFFECTIVE_VOLUMES";
+// Python's datetime range (years 1..9999) in microseconds: fastavro refuses a
+// timestamp-micros outside it, so such a record is the Python path's to refuse.
+const MICROS_MIN: i64 = -62_135_596_800_000_000;
+const MICROS_MAX: i64 = 253_402_300_799_999_999;
+
+// ------------------------------------------------------------------------ requests
+
+struct Posting {
+    source: String,
+    destination: String,
+    amount: i128,
+    asset: String,
+}
+
+struct Transfer {
+    request_id: String,
+    ledger: String,
+    postings: Vec<Posting>,
+    force: bool,
+}
+
+/// One `ledger.requests` record whose requests are all simple transfers.
+#[pyclass(frozen, module = "streamledger_native")]
+struct Batch {
+    transfers: Vec<Transfer>,
+    /// The record's key and value, for the Python path when a round falls back to it.
+    #[pyo3(get)]
+    key: PyObject,
+    #[pyo3(get)]
+    payload: PyObject,
+    #[pyo3(get)]
+    postings: usize,
+}
+
+#[pymethods]
+impl Batch {
+    fn __len__(&self) -> usize {
+        self.transfers.len()
+    }
+}
+
+struct Reader<'a> {
+    data: &'a [u8],
+    at: usize,
+}
+
+impl<'a> Reader<'a> {
+    fn long(&mut self) -> Option<i64> {
+        let mut value: u64 = 0;
+        let mut shift = 0;
+        loop {
+            let byte = *self.data.get(self.at)?;
+            self.at += 1;
+            if shift > 63 {
+                return None;
+            }
+            value |= ((byte & 0x7f) as u64) << shift;
+            if byte & 0x80 == 0 {
+                break;
+            }
+            shift += 7;
+        }
+        Some(((value >> 1) as i64) ^ -((value & 1) as i64))
+    }
+
+    fn bytes(&mut self) -> Option<&'a [u8]> {
+        let length = usize::try_from(self.long()?).ok()?;
+        let end = self.at.checked_add(length)?;
+        let slice = self.data.get(self.at..end)?;
+        self.at = end;
+        Some(slice)
+    }
+
+    fn text(&mut self) -> Option<&'a str> {
+        std::str::from_utf8(self.bytes()?).ok()
+    }
+
+    fn boolean(&mut self) -> Option<bool> {
+        let byte = *self.data.get(self.at)?;
+        self.at += 1;
+        match byte {
+            0 => Some(false),
+            1 => Some(true),
+            _ => None,
+        }
+    }
+
+    /// The item count of the next array/map block (a negative count carries its size).
+    fn block(&mut self) -> Option<usize> {
+        let count = self.long()?;
+        if count < 0 {
+            self.long()?;
+            return usize::try_from(count.checked_neg()?).ok();
+        }
+        usize::try_from(count).ok()
+    }
+
+    fn empty_map(&mut self) -> Option<()> {
+        (self.block()? == 0).then_some(())
+    }
+}
+
+fn is_segment_byte(byte: u8) -> bool {
+    byte.is_ascii_alphanumeric() || byte == b'_' || byte == b'-'
+}
+
+/// `^[a-zA-Z0-9_-]+(:[a-zA-Z0-9_-]+)*$`, at most 1024 bytes.
+fn valid_address(text: &str) -> bool {
+    text.len() <= ADDRESS_BYTES_MAX && !text.is_empty() && text.split(':').all(|segment| {
+        !segment.is_empty() && segment.bytes().all(is_segment_byte)
+    })
+}
+
+/// `^[A-Z][A-Z0-9]{0,16}(_[A-Z]{1,16})?(/\d{1,6})?$` (ASCII digits only: the Python
+/// pattern's `\d` also takes other scripts' digits, which the Python path then handles).
+fn valid_asset(text: &str) -> bool {
+    let bytes = text.as_bytes();
+    let mut at = 0;
+    if !bytes.first().is_some_and(|b| b.is_ascii_uppercase()) {
+        return false;
+    }
+    at += 1;
+    let start = at;
+    while at < bytes.len() && (bytes[at].is_ascii_uppercase() || bytes[at].is_ascii_digit()) {
+        at += 1;
+    }
+    if at - start > 16 {
+        return false;
+    }
+    if at < bytes.len() && bytes[at] == b'_' {
+        at += 1;
+        let start = at;
+        while at < bytes.len() && bytes[at].is_ascii_uppercase() {
+            at += 1;
+        }
+        if !(1..=16).contains(&(at - start)) {
+            return false;
+        }
+    }
+    if at < bytes.len() && bytes[at] == b'/' {
+        at += 1;
+        let start = at;
+        while at < bytes.len() && bytes[at].is_ascii_digit() {
+            at += 1;
+        }
+        if !(1..=6).contains(&(at - start)) {
+            return false;
+        }
+    }
+    at == bytes.len()
+}
+
+/// `^[0-9a-zA-Z_-]{1,63}$`, not reserved.
+fn valid_ledger(text: &str) -> bool {
+    (1..=63).contains(&text.len())
+        && text.bytes().all(is_segment_byte)
+        && !matches!(text, "_" | "_info" | "_healthcheck")
+}
+
+/// Printable ASCII without `"` and `\`: written verbatim in every encoding used here.
+fn plain_text(text: &str) -> bool {
+    text.bytes().all(|b| (0x20..0x7f).contains(&b) && b != b'"' && b != b'\\')
+}
+
+fn parse_amount(text: &str) -> Option<i128> {
+    if text.is_empty() || text.len() > AMOUNT_DIGITS_MAX || !text.bytes().all(|b| b.is_ascii_digit()) {
+        return None;
+    }
+    text.parse().ok()
+}
+
+/// Kafka's `Utils.murmur2`, as `streams.topics.murmur2`.
+fn murmur2(data: &[u8]) -> i32 {
+    let m: u32 = 0x5bd1_e995;
+    let mut h: u32 = 0x9747_b28c ^ data.len() as u32;
+    let chunks = data.chunks_exact(4);
+    let rest = chunks.remainder();
+    for chunk in chunks {
+        let mut k = u32::from_le_bytes([chunk[0], chunk[1], chunk[2], chunk[3]]);
+        k = k.wrapping_mul(m);
+        k ^= k >> 24;
+        k = k.wrapping_mul(m);
+        h = h.wrapping_mul(m) ^ k;
+    }
+    if rest.len() == 3 {
+        h ^= (rest[2] as u32) << 16;
+    }
+    if rest.len() >= 2 {
+        h ^= (rest[1] as u32) << 8;
+    }
+    if !rest.is_empty() {
+        h ^= rest[0] as u32;
+        h = h.wrapping_mul(m);
+    }
+    h ^= h >> 13;
+    h = h.wrapping_mul(m);
+    h ^= h >> 15;
+    h as i32
+}
+
+fn partition_for(key: &[u8], partitions: i32) -> i32 {
+    (murmur2(key) & 0x7fff_ffff) % partitions
+}
+
+fn read_transfer(reader: &mut Reader, partition: i32, partitions: i32) -> Option<Transfer> {
+    let request_id = reader.text()?;
+    let ledger = reader.text()?;
+    if request_id.is_empty() || request_id.len() > REQUEST_ID_MAX || !plain_text(request_id) {
+        return None;
+    }
+    if !valid_ledger(ledger) || partition_for(ledger.as_bytes(), partitions) != partition {
+        return None;
+    }
+    if reader.long()? != 1 {
+        return None; // not a CreateTransaction
+    }
+    if reader.long()? != 1 {
+        return None; // no postings (a script)
+    }
+    let mut postings = Vec::new();
+    loop {
+        let count = reader.block()?;
+        if count == 0 {
+            break;
+        }
+        for _ in 0..count {
+            let source = reader.text()?;
+            let destination = reader.text()?;
+            let amount = parse_amount(reader.text()?)?;
+            let asset = reader.text()?;
+            if !valid_address(source) || !valid_address(destination) || !valid_asset(asset) {
+                return None;
+            }
+            postings.push(Posting {
+                source: source.to_owned(),
+                destination: destination.to_owned(),
+                amount,
+                asset: asset.to_owned(),
+            });
+            if postings.len() > POSTINGS_MAX {
+                return None;
+            }
+        }
+    }
+    if postings.is_empty() {
+        return None;
+    }
+    if reader.long()? != 0 || reader.long()? != 0 {
+        return None; // a script, or a reference
+    }
+    reader.empty_map()?; // metadata
+    reader.empty_map()?; // account_metadata
+    if reader.long()? != 0 {
+        return None; // an explicit timestamp
+    }
+    let force = reader.boolean()?;
+    if !reader.bytes()?.is_empty() || !reader.bytes()?.is_empty() {
+        return None; // an idempotency key or hash
+    }
+    if reader.boolean()? {
+        return None; // a dry run
+    }
+    let received_at = reader.long()?;
+    if !(MICROS_MIN..=MICROS_MAX).contains(&received_at) {
+        return None;
+    }
+    reader.text()?; // reply_to
+    Some(Transfer { request_id: request_id.to_owned(), ledger: ledger.to_owned(), postings, force })
+}
+
+// ------------------------------------------------------------------------- encoding
+
+fn push_long(out: &mut Vec<u8>, value: i64) {
+    let mut n = ((value << 1) ^ (value >> 63)) as u64;
+    while n >= 0x80 {
+        out.push((n as u8) | 0x80);
+        n >>= 7;
+    }
+    out.push(n as u8);
+}
+
+fn push_avro_bytes(out: &mut Vec<u8>, bytes: &[u8]) {
+    push_long(out, bytes.len() as i64);
+    out.extend_from_slice(bytes);
+}
+
+fn push_quoted(out: &mut Vec<u8>, text: &str) {
+    // Every string reaching here passed `plain_text`, `valid_*` or is ours: no escapes.
+    out.push(b'"');
+    out.extend_from_slice(text.as_bytes());
+    out.push(b'"');
+}
+
+fn push_int(out: &mut Vec<u8>, value: impl std::fmt::Display) {
+    use std::io::Write;
+    write!(out, "{value}").unwrap();
+}
+
+const BASE64: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
+
+fn base64(data: &[u8]) -> String {
+    let mut out = String::with_capacity(data.len().div_ceil(3) * 4);
+    for chunk in data.chunks(3) {
+        let n = (chunk[0] as u32) << 16
+            | (*chunk.get(1).unwrap_or(&0) as u32) << 8
+            | *chunk.get(2).unwrap_or(&0) as u32;
+        for i in 0..4 {
+            if i <= chunk.len() {
+                out.push(BASE64[(n >> (18 - 6 * i) & 63) as usize] as char);
+            } else {
+                out.push('=');
+            }
+        }
+    }
+    out
+}
+
+fn unbase64(text: &str) -> Option<Vec<u8>> {
+    let bytes = text.as_bytes();
+    if bytes.len() % 4 != 0 {
+        return None;
+    }
+    let mut out = Vec::with_capacity(bytes.len() / 4 * 3);
+    for chunk in bytes.chunks(4) {
+        let mut n: u32 = 0;
+        let mut pad = 0;
+        for &b in chunk {
+            let v = match b {
+                b'=' => {
+                    pad += 1;
+                    0
+                }
+                _ if pad > 0 => return None,
+                _ => BASE64.iter().position(|&c| c == b)? as u32,
+            };
+            n = n << 6 | v;
+        }
+        if pad > 2 {
+            return None;
+        }
+        let decoded = [(n >> 16) as u8, (n >> 8) as u8, n as u8];
+        out.extend_from_slice(&decoded[..3 - pad]);
+    }
+    Some(out)
+}
+
+/// Go's `time.RFC3339Nano` of a UTC time in microseconds (`ledger.timeutil.format_rfc3339`).
+fn rfc3339(micros: i64) -> String {
+    let seconds = micros.div_euclid(1_000_000);
+    let fraction = micros.rem_euclid(1_000_000);
+    let days = seconds.div_euclid(86_400);
+    let of_day = seconds.rem_euclid(86_400);
+    // Howard Hinnant's civil_from_days.
+    let z = days + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z - era * 146_097;
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let day = doy - (153 * mp + 2) / 5 + 1;
+    let month = if mp < 10 { mp + 3 } else { mp - 9 };
+    let year = yoe + era * 400 + i64::from(month <= 2);
+    let mut text = format!(
+        "{year:04}-{month:02}-{day:02}T{:02}:{:02}:{:02}",
+        of_day / 3600,
+        of_day / 60 % 60,
+        of_day % 60
+    );
+    if fraction != 0 {
+        let digits = format!("{fraction:06}");
+        text.push('.');
+        text.push_str(digits.trim_end_matches('0'));
+    }
+    text.push('Z');
+    text
+}
+
+fn key(parts: &[&[u8]]) -> Vec<u8> {
+    let mut out = Vec::with_capacity(parts.iter().map(|p| p.len() + 1).sum());
+    for (i, part) in parts.iter().enumerate() {
+        if i > 0 {
+            out.push(0);
+        }
+        out.extend_from_slice(part);
+    }
+    out
+}
+
+fn moment(timestamp: i64, transaction_id: i64) -> [u8; 16] {
+    let mut out = [0u8; 16];
+    out[..8].copy_from_slice(&((timestamp as i128 + (1i128 << 63)) as u64).to_be_bytes());
+    out[8..].copy_from_slice(&(transaction_id as u64).to_be_bytes());
+    out
+}
+
+// ---------------------------------------------------------------------------- state
+
+#[derive(Clone)]
+struct Head {
+    last_log_id: i64,
+    last_hash: Option<Vec<u8>>,
+    last_transaction_id: i64,
+    last_date: i64,
+    max_timestamp: Option<i64>,
+}
+
+impl Head {
+    const NONE: Head = Head { last_log_id: 0, last_hash: None, last_transaction_id: 0, last_date: 0, max_timestamp: None };
+
+    fn parse(raw: &[u8]) -> Option<Head> {
+        let value: serde_json::Value = serde_json::from_slice(raw).ok()?;
+        let v = value.as_array()?;
+        let no_hash = v.get(4)?.as_bool()?;
+        Some(Head {
+            last_log_id: v.first()?.as_i64()?,
+            last_hash: if no_hash { None } else { Some(unbase64(v.get(1)?.as_str()?)?) },
+            last_transaction_id: v.get(2)?.as_i64()?,
+            last_date: v.get(3)?.as_i64()?,
+            max_timestamp: match v.get(5) {
+                None | Some(serde_json::Value::Null) => None,
+                Some(other) => Some(other.as_i64()?),
+            },
+        })
+    }
+
+    fn encode(&self) -> Vec<u8> {
+        // [last_log_id, base64(hash or b""), last_transaction_id, last_date, hash is None, max_timestamp]
+        let mut out = Vec::with_capacity(96);
+        out.push(b'[');
+        push_int(&mut out, self.last_log_id);
+        out.push(b',');
+        push_quoted(&mut out, &base64(self.last_hash.as_deref().unwrap_or_default()));
+        out.push(b',');
+        push_int(&mut out, self.last_transaction_id);
+        out.push(b',');
+        push_int(&mut out, self.last_date);
+        out.extend_from_slice(if self.last_hash.is_none() { b",true," } else { b",false," });
+        match self.max_timestamp {
+            Some(timestamp) => push_int(&mut out, timestamp),
+            None => out.extend_from_slice(b"null"),
+        }
+        out.push(b']');
+        out
+    }
+}
+
+/// Decoded values of the hot kinds, as the store holds them once the last round committed.
+#[derive(Clone)]
+enum Value {
+    Ledger { effective_volumes: bool },
+    Head(Head),
+    Volumes(i128, i128),
+    Account { first_usage: i64 },
+    Absent,
+}
+
+fn parse_volumes(raw: &[u8]) -> Option<(i128, i128)> {
+    let text = std::str::from_utf8(raw).ok()?;
+    let (input, output) = text.split_once(',')?;
+    let input = parse_amount(input)?;
+    let output = parse_amount(output)?;
+    (input < i128::MAX / 2 && output < i128::MAX / 2).then_some((input, output))
+}
+
+fn parse_ledger(raw: &[u8]) -> Option<Value> {
+    let value: serde_json::Value = serde_json::from_slice(raw).ok()?;
+    let features = value.as_array()?.get(4)?.as_object()?;
+    let disabled = features.get(EFFECTIVE_VOLUMES_FEATURE).and_then(|v| v.as_str()) == Some("DISABLED");
+    Some(Value::Ledger { effective_volumes: !disabled })
+}
+
+fn parse_account(raw: &[u8]) -> Option<Value> {
+    let value: serde_json::Value = serde_json::from_slice(raw).ok()?;
+    Some(Value::Account { first_usage: value.as_array()?.get(2)?.as_i64()? })
+}
+
+// ---------------------------------------------------------------------------- rounds
+
+/// One partition's round, applied: what to publish, and the store writes to make once the
+/// round's Kafka transaction committed.
+#[pyclass(module = "streamledger_native")]
+struct Round {
+    #[pyo3(get)]
+    emissions: Py<PyList>,
+    #[pyo3(get)]
+    committed: usize,
+    #[pyo3(get)]
+    rejected: usize,
+    #[pyo3(get)]
+    per_ledger: Py<PyDict>,
+    writes: Vec<(Vec<u8>, Vec<u8>)>,
+    cached: Vec<(Vec<u8>, Value)>,
+}
+
+#[pymethods]
+impl Round {
+    /// Put every write of the round into a rocksdict `WriteBatch`.
+    fn write_into(&self, batch: &Bound<PyAny>) -> PyResult<()> {
+        let py = batch.py();
+        let put = batch.getattr("put")?;
+        for (key, value) in &self.writes {
+            put.call1((PyBytes::new_bound(py, key), PyBytes::new_bound(py, value)))?;
+        }
+        Ok(())
+    }
+
+    fn __len__(&self) -> usize {
+        self.writes.len()
+    }
+}
+
+enum Outcome {
+    Committed { ledger: String, request_id: String, value: Vec<u8> },
+    Rejected { ledger: String, request_id: String, value: Vec<u8> },
+}
+
+struct Fallback;
+
+/// A round in progress: reads go to its own writes, then the engine's cache, then the store.
+struct Work<'e> {
+    engine: &'e Engine,
+    fetched: HashMap<Vec<u8>, Option<Vec<u8>>>,
+    changed: HashMap<Vec<u8>, Value>,
+    seen: HashSet<String>,
+    writes: Vec<(Vec<u8>, Vec<u8>)>,
+}
+
+impl Work<'_> {
+    fn value(&mut self, key: &[u8], parse: fn(&[u8]) -> Option<Value>) -> Result<Value, Fallback> {
+        if let Some(value) = self.changed.get(key) {
+            return Ok(value.clone());
+        }
+        if let Some(value) = self.engine.cache.get(key) {
+            return Ok(value.clone());
+        }
+        match self.fetched.get(key) {
+            Some(None) => Ok(Value::Absent),
+            Some(Some(raw)) => parse(raw).ok_or(Fallback),
+            None => Err(Fallback), // every key a round reads is fetched before it starts
+        }
+    }
+
+    fn volumes(&mut self, key: &[u8]) -> Result<(i128, i128), Fallback> {
+        match self.value(key, |raw| parse_volumes(raw).map(|(i, o)| Value::Volumes(i, o)))? {
+            Value::Volumes(input, output) => Ok((input, output)),
+            Value::Absent => Ok((0, 0)),
+            _ => Err(Fallback),
+        }
+    }
+
+    fn head(&mut self, key: &[u8]) -> Result<Head, Fallback> {
+        match self.value(key, |raw| Head::parse(raw).map(Value::Head))? {
+            Value::Head(head) => Ok(head),
+            Value::Absent => Ok(Head::NONE),
+            _ => Err(Fallback),
+        }
+    }
+
+    fn transfer(&mut self, t: &Transfer, now: i64) -> Result<Outcome, Fallback> {
+        let ledger = t.ledger.as_bytes();
+        // A request id already answered is replayed by the Python path.
+        if !self.seen.insert(t.request_id.clone()) || self.fetched.get(&key(&[b"Q", t.request_id.as_bytes()])) != Some(&None) {
+            return Err(Fallback);
+        }
+        let effective_volumes = match self.value(&key(&[b"L", ledger]), parse_ledger)? {
+            Value::Ledger { effective_volumes } => effective_volumes,
+            _ => return Err(Fallback), // LEDGER_NOT_FOUND: the Python path rejects it
+        };
+        let volume_key = |account: &str, asset: &str| key(&[b"V", ledger, account.as_bytes(), asset.as_bytes()]);
+        if !t.force {
+            // `_check_funds`: postings in order, balances tracked across them.
+            let mut balances: Vec<((&str, &str), i128)> = Vec::new();
+            for p in &t.postings {
+                for account in [p.source.as_str(), p.destination.as_str()] {
+                    if !balances.iter().any(|(k, _)| *k == (account, p.asset.as_str())) {
+                        let (input, output) = self.volumes(&volume_key(account, &p.asset))?;
+                        balances.push(((account, p.asset.as_str()), input - output));
+                    }
+                }
+                let source = balances.iter().position(|(k, _)| *k == (p.source.as_str(), p.asset.as_str())).unwrap();
+                let available = balances[source].1;
+                if p.source != WORLD && available < p.amount {
+                    return Ok(self.insufficient(t, p, available.max(0), now));
+                }
+                balances[source].1 -= p.amount;
+                let destination = balances.iter().position(|(k, _)| *k == (p.destination.as_str(), p.asset.as_str())).unwrap();
+                balances[destination].1 += p.amount;
+            }
+        }
+        let head_key = key(&[b"H", ledger]);
+        let head = self.head(&head_key)?;
+        let date = now.max(head.last_date);
+        let timestamp = date;
+        if head.max_timestamp.is_some_and(|latest| timestamp < latest) {
+            return Err(Fallback); // back-dated: effective volumes move later entries
+        }
+        let transaction_id = head.last_transaction_id + 1;
+        let log_id = head.last_log_id + 1;
+        // Post-commit volumes, accounts and assets in order of first appearance.
+        let mut post: Vec<(&str, Vec<(&str, i128, i128)>)> = Vec::new();
+        for p in &t.postings {
+            for (account, is_source) in [(p.source.as_str(), true), (p.destination.as_str(), false)] {
+                let slot = match post.iter().position(|(a, _)| *a == account) {
+                    Some(i) => i,
+                    None => {
+                        post.push((account, Vec::new()));
+                        post.len() - 1
+                    }
+                };
+                let asset = p.asset.as_str();
+                let (input, output) = match post[slot].1.iter().position(|(a, _, _)| *a == asset) {
+                    Some(i) => (post[slot].1[i].1, post[slot].1[i].2),
+                    None => self.volumes(&volume_key(account, asset))?,
+                };
+                let updated = if is_source {
+                    (input, output.checked_add(p.amount).ok_or(Fallback)?)
+                } else {
+                    (input.checked_add(p.amount).ok_or(Fallback)?, output)
+                };
+                if updated.0 >= i128::MAX / 2 || updated.1 >= i128::MAX / 2 {
+                    return Err(Fallback);
+                }
+                match post[slot].1.iter().position(|(a, _, _)| *a == asset) {
+                    Some(i) => post[slot].1[i] = (asset, updated.0, updated.1),
+                    None => post[slot].1.push((asset, updated.0, updated.1)),
+                }
+            }
+        }
+        // Accounts: created on first use; one used before at a later date takes the
+        // Python path (its first usage moves back, its metadata is rewritten).
+        let mut new_accounts = Vec::new();
+        for (account, _) in &post {
+            let account_key = key(&[b"A", ledger, account.as_bytes()]);
+            match self.value(&account_key, parse_account)? {
+                Value::Absent => new_accounts.push(account_key),
+                Value::Account { first_usage } if first_usage <= timestamp => {}
+                _ => return Err(Fallback),
+            }
+        }
+        let date_text = rfc3339(date);
+
+        // The hash: Go's JSON of the log's memento (`ledger.hashchain`).
+        let mut postings_json = Vec::with_capacity(96 * t.postings.len());
+        postings_json.push(b'[');
+        for (i, p) in t.postings.iter().enumerate() {
+            if i > 0 {
+                postings_json.push(b',');
+            }
+            postings_json.extend_from_slice(b"{\"source\":");
+            push_quoted(&mut postings_json, &p.source);
+            postings_json.extend_from_slice(b",\"destination\":");
+            push_quoted(&mut postings_json, &p.destination);
+            postings_json.extend_from_slice(b",\"amount\":");
+            push_int(&mut postings_json, p.amount);
+            postings_json.extend_from_slice(b",\"asset\":");
+            push_quoted(&mut postings_json, &p.asset);
+            postings_json.push(b'}');
+        }
+        postings_json.push(b']');
+        let mut transaction = Vec::with_capacity(postings_json.len() + 128);
+        transaction.extend_from_slice(b"{\"postings\":");
+        transaction.extend_from_slice(&postings_json);
+        transaction.extend_from_slice(b",\"metadata\":{},\"timestamp\":");
+        push_quoted(&mut transaction, &date_text);
+        transaction.extend_from_slice(b",\"id\":");
+        push_int(&mut transaction, transaction_id);
+        transaction.extend_from_slice(b",\"reverted\":false");
+        let mut line = Vec::with_capacity(transaction.len() + 160);
+        line.extend_from_slice(b"{\"type\":\"NEW_TRANSACTION\",\"data\":{\"transaction\":");
+        line.extend_from_slice(&transaction);
+        line.extend_from_slice(b"},\"accountMetadata\":{}},\"date\":");
+        push_quoted(&mut line, &date_text);
+        line.extend_from_slice(b",\"idempotencyKey\":\"\",\"id\":0,\"hash\":null}\n");
+        let mut digest = Sha256::new();
+        if let Some(previous) = &head.last_hash {
+            digest.update(format!("\"{}\"\n", base64(previous)).as_bytes());
+        }
+        digest.update(&line);
+        let hash: Vec<u8> = digest.finalize().to_vec();
+
+        // The log's data: the transaction as projected (`_project_transaction`).
+        let mut volumes_json = Vec::with_capacity(96 * post.len());
+        volumes_json.push(b'{');
+        for (i, (account, by_asset)) in post.iter().enumerate() {
+            if i > 0 {
+                volumes_json.push(b',');
+            }
+            push_quoted(&mut volumes_json, account);
+            volumes_json.extend_from_slice(b":{");
+            for (j, (asset, input, output)) in by_asset.iter().enumerate() {
+                if j > 0 {
+                    volumes_json.push(b',');
+                }
+                push_quoted(&mut volumes_json, asset);
+                volumes_json.extend_from_slice(b":{\"input\":");
+                push_int(&mut volumes_json, input);
+                volumes_json.extend_from_slice(b",\"output\":");
+                push_int(&mut volumes_json, output);
+                volumes_json.extend_from_slice(b",\"balance\":");
+                push_int(&mut volumes_json, input - output);
+                volumes_json.push(b'}');
+            }
+            volumes_json.push(b'}');
+        }
+        volumes_json.push(b'}');
+        let mut data = Vec::with_capacity(transaction.len() + 2 * volumes_json.len() + 128);
+        data.extend_from_slice(b"{\"transaction\":");
+        data.extend_from_slice(&transaction);
+        data.extend_from_slice(b",\"postCommitVolumes\":");
+        data.extend_from_slice(&volumes_json);
+        data.extend_from_slice(b",\"insertedAt\":");
+        push_quoted(&mut data, &date_text);
+        if effective_volumes {
+            data.extend_from_slice(b",\"postCommitEffectiveVolumes\":");
+            data.extend_from_slice(&volumes_json);
+        }
+        data.extend_from_slice(b"},\"accountMetadata\":{}}");
+
+        // The store, as `project_entry` leaves it.
+        let request_id = t.request_id.as_str();
+        let hash_text = base64(&hash);
+        let mut record = Vec::with_capacity(64);
+        record.push(b'[');
+        push_quoted(&mut record, &t.ledger);
+        record.push(b',');
+        push_int(&mut record, log_id);
+        record.extend_from_slice(b",null,null,null,");
+        push_int(&mut record, date);
+        record.push(b']');
+        self.writes.push((key(&[b"Q", request_id.as_bytes()]), record));
+        let the_moment = moment(timestamp, transaction_id);
+        let mut record_volumes = Vec::with_capacity(64 * post.len());
+        record_volumes.push(b'{');
+        for (i, (account, by_asset)) in post.iter().enumerate() {
+            if i > 0 {
+                record_volumes.push(b',');
+            }
+            push_quoted(&mut record_volumes, account);
+            record_volumes.extend_from_slice(b":{");
+            for (j, (asset, input, output)) in by_asset.iter().enumerate() {
+                if j > 0 {
+                    record_volumes.push(b',');
+                }
+                push_quoted(&mut record_volumes, asset);
+                record_volumes.push(b':');
+                record_volumes.push(b'[');
+                push_int(&mut record_volumes, input);
+                record_volumes.push(b',');
+                push_int(&mut record_volumes, output);
+                record_volumes.push(b']');
+                let volume_key = volume_key(account, asset);
+                self.changed.insert(volume_key, Value::Volumes(*input, *output));
+                if effective_volumes {
+                    let mut effective_key = key(&[b"E", ledger, account.as_bytes(), asset.as_bytes()]);
+                    effective_key.push(0);
+                    effective_key.extend_from_slice(&the_moment);
+                    self.writes.push((effective_key, format!("{input},{output}").into_bytes()));
+                }
+            }
+            record_volumes.push(b'}');
+        }
+        record_volumes.push(b'}');
+        for account_key in new_accounts {
+            self.changed.insert(account_key, Value::Account { first_usage: timestamp });
+        }
+        let mut stored = Vec::with_capacity(postings_json.len() + record_volumes.len() + 96);
+        stored.push(b'[');
+        push_int(&mut stored, transaction_id);
+        stored.extend_from_slice(b",[");
+        for (i, p) in t.postings.iter().enumerate() {
+            if i > 0 {
+                stored.push(b',');
+            }
+            stored.push(b'[');
+            push_quoted(&mut stored, &p.source);
+            stored.push(b',');
+            push_quoted(&mut stored, &p.destination);
+            stored.push(b',');
+            push_int(&mut stored, p.amount);
+            stored.push(b',');
+            push_quoted(&mut stored, &p.asset);
+            stored.push(b']');
+        }
+        stored.extend_from_slice(b"],{},");
+        push_int(&mut stored, timestamp);
+        stored.push(b',');
+        push_int(&mut stored, date);
+        stored.extend_from_slice(b",null,null,");
+        push_int(&mut stored, date);
+        stored.push(b',');
+        stored.extend_from_slice(&record_volumes);
+        stored.push(b']');
+        let mut transaction_key = key(&[b"T", ledger]);
+        transaction_key.push(0);
+        transaction_key.extend_from_slice(&(transaction_id as u64).to_be_bytes());
+        self.writes.push((transaction_key, stored));
+        self.changed.insert(head_key, Value::Head(Head {
+            last_log_id: log_id,
+            last_hash: Some(hash.clone()),
+            last_transaction_id: transaction_id,
+            last_date: date.max(head.last_date),
+            max_timestamp: Some(head.max_timestamp.map_or(timestamp, |latest| latest.max(timestamp))),
+        }));
+        let mut entry = Vec::with_capacity(data.len() + 128);
+        entry.push(b'[');
+        push_quoted(&mut entry, &t.ledger);
+        entry.push(b',');
+        push_int(&mut entry, log_id);
+        entry.extend_from_slice(b",\"NEW_TRANSACTION\",");
+        entry.extend_from_slice(&data);
+        entry.push(b',');
+        push_int(&mut entry, date);
+        entry.extend_from_slice(b",\"\",\"\",");
+        push_quoted(&mut entry, &hash_text);
+        entry.push(b',');
+        push_quoted(&mut entry, request_id);
+        entry.push(b']');
+        let mut log_key = key(&[b"G", ledger]);
+        log_key.push(0);
+        log_key.extend_from_slice(&(log_id as u64).to_be_bytes());
+        self.writes.push((log_key, entry));
+
+        // What ledger.committed carries (`codecs.encode_log_entry`).
+        let mut value = Vec::with_capacity(data.len() + 128);
+        value.extend_from_slice(&self.engine.log_header);
+        push_avro_bytes(&mut value, ledger);
+        push_long(&mut value, log_id);
+        push_avro_bytes(&mut value, b"NEW_TRANSACTION");
+        push_avro_bytes(&mut value, &data);
+        push_long(&mut value, date);
+        push_long(&mut value, 0); // idempotency_key ""
+        push_long(&mut value, 0); // idempotency_hash ""
+        push_avro_bytes(&mut value, &hash);
+        push_avro_bytes(&mut value, request_id.as_bytes());
+        Ok(Outcome::Committed { ledger: t.ledger.clone(), request_id: t.request_id.clone(), value })
+    }
+
+    /// `InsufficientFunds` as `execute` records and publishes it.
+    fn insufficient(&mut self, t: &Transfer, p: &Posting, available: i128, now: i64) -> Outcome {
+        let message = format!(
+            "account '{}' has insufficient funds of {}: needed {}, available {}",
+            p.source, p.asset, p.amount, available
+        );
+        let details = format!(
+            "{{\"account\":\"{}\",\"asset\":\"{}\",\"needed\":{},\"available\":{}}}",
+            p.source, p.asset, p.amount, available
+        );
+        let mut record = Vec::with_capacity(message.len() + details.len() + 64);
+        record.push(b'[');
+        push_quoted(&mut record, &t.ledger);
+        record.extend_from_slice(b",null,\"INSUFFICIENT_FUND\",");
+        push_quoted(&mut record, &message);
+        record.push(b',');
+        record.extend_from_slice(details.as_bytes());
+        record.push(b',');
+        push_int(&mut record, now);
+        record.push(b']');
+        self.writes.push((key(&[b"Q", t.request_id.as_bytes()]), record));
+        let mut value = Vec::with_capacity(message.len() + details.len() + 64);
+        value.extend_from_slice(&self.engine.rejection_header);
+        push_avro_bytes(&mut value, t.request_id.as_bytes());
+        push_avro_bytes(&mut value, t.ledger.as_bytes());
+        push_avro_bytes(&mut value, b"INSUFFICIENT_FUND");
+        push_avro_bytes(&mut value, message.as_bytes());
+        push_avro_bytes(&mut value, details.as_bytes());
+        push_long(&mut value, now);
+        Outcome::Rejected { ledger: t.ledger.clone(), request_id: t.request_id.clone(), value }
+    }
+}
+
+// ---------------------------------------------------------------------------- engine
+
+/// One partition's fast path: its decoder, and a cache of the hot values (ledgers, heads,
+/// volumes, accounts) as of the last round it committed. The caller clears the cache
+/// whenever anything else writes the partition's store (a Python round, a recovery).
+#[pyclass(module = "streamledger_native")]
+struct Engine {
+    partition: i32,
+    partitions: i32,
+    requests_header: Vec<u8>,
+    log_header: Vec<u8>,
+    rejection_header: Vec<u8>,
+    emission: PyObject,
+    committed_topic: PyObject,
+    rejected_topic: PyObject,
+    cache: HashMap<Vec<u8>, Value>,
+    cache_max: usize,
+}
+
+#[pymethods]
+impl Engine {
+    #[new]
+    #[allow(clippy::too_many_arguments)]
+    fn new(
+        partition: i32, partitions: i32, requests_header: Vec<u8>, log_header: Vec<u8>,
+        rejection_header: Vec<u8>, emission: PyObject, committed_topic: PyObject,
+        rejected_topic: PyObject, cache_max: usize,
+    ) -> PyResult<Self> {
+        if partitions <= 0 || !(0..partitions).contains(&partition) {
+            return Err(PyValueError::new_err("partition out of range"));
+        }
+        Ok(Engine {
+            partition, partitions, requests_header, log_header, rejection_header, emission,
+            committed_topic, rejected_topic, cache: HashMap::new(), cache_max,
+        })
+    }
+
+    /// The record as a `Batch` of simple transfers, or None for the Python path.
+    fn decode(&self, key: PyObject, payload: &Bound<PyAny>) -> Option<Batch> {
+        let bytes = payload.downcast::<PyBytes>().ok()?.as_bytes();
+        let body = bytes.strip_prefix(self.requests_header.as_slice())?;
+        let mut reader = Reader { data: body, at: 0 };
+        let mut transfers = Vec::new();
+        loop {
+            let count = reader.block()?;
+            if count == 0 {
+                break;
+            }
+            for _ in 0..count {
+                transfers.push(read_transfer(&mut reader, self.partition, self.partitions)?);
+            }
+        }
+        if reader.at != body.len() || transfers.is_empty() {
+            return None;
+        }
+        let postings = transfers.iter().map(|t| t.postings.len()).sum();
+        Some(Batch { transfers, key, payload: payload.clone().unbind(), postings })
+    }
+
+    /// Apply a round of batches; None when any of it needs the Python path. `get` is the
+    /// store's multi-get (a rocksdict `Rdict.get` of a list of keys).
+    fn apply(&self, py: Python, batches: Vec<PyRef<Batch>>, now: i64, get: &Bound<PyAny>) -> PyResult<Option<Round>> {
+        // Every key the round may read and the cache lacks, fetched at once.
+        let mut wanted: Vec<Vec<u8>> = Vec::new();
+        let mut asked: HashSet<Vec<u8>> = HashSet::new();
+        let mut want = |k: Vec<u8>, always: bool| {
+            if (always || !self.cache.contains_key(&k)) && asked.insert(k.clone()) {
+                wanted.push(k);
+            }
+        };
+        for batch in &batches {
+            for t in &batch.transfers {
+                let ledger = t.ledger.as_bytes();
+                want(key(&[b"Q", t.request_id.as_bytes()]), true);
+                want(key(&[b"L", ledger]), false);
+                want(key(&[b"H", ledger]), false);
+                for p in &t.postings {
+                    for account in [&p.source, &p.destination] {
+                        want(key(&[b"V", ledger, account.as_bytes(), p.asset.as_bytes()]), false);
+                        want(key(&[b"A", ledger, account.as_bytes()]), false);
+                    }
+                }
+            }
+        }
+        let mut fetched = HashMap::with_capacity(wanted.len());
+        if !wanted.is_empty() {
+            let keys = PyList::new_bound(py, wanted.iter().map(|k| PyBytes::new_bound(py, k)));
+            let values = get.call1((keys,))?;
+            for (k, value) in wanted.into_iter().zip(values.iter()?) {
+                let value = value?;
+                let raw = if value.is_none() { None } else { Some(value.downcast::<PyBytes>()?.as_bytes().to_vec()) };
+                fetched.insert(k, raw);
+            }
+        }
+        let mut work = Work { engine: self, fetched, changed: HashMap::new(), seen: HashSet::new(), writes: Vec::new() };
+        let mut outcomes = Vec::new();
+        for batch in &batches {
+            for t in &batch.transfers {
+                match work.transfer(t, now) {
+                    Ok(outcome) => outcomes.push(outcome),
+                    Err(Fallback) => return Ok(None),
+                }
+            }
+        }
+        let emissions = PyList::empty_bound(py);
+        let per_ledger = PyDict::new_bound(py);
+        let mut counts: HashMap<String, (usize, usize)> = HashMap::new();
+        let (mut committed, mut rejected) = (0, 0);
+        for outcome in outcomes {
+            let (topic, ledger, request_id, value) = match outcome {
+                Outcome::Committed { ledger, request_id, value } => {
+                    committed += 1;
+                    counts.entry(ledger.clone()).or_default().0 += 1;
+                    (&self.committed_topic, ledger, request_id, value)
+                }
+                Outcome::Rejected { ledger, request_id, value } => {
+                    rejected += 1;
+                    counts.entry(ledger.clone()).or_default().1 += 1;
+                    (&self.rejected_topic, ledger, request_id, value)
+                }
+            };
+            emissions.append(self.emission.call1(py, (
+                topic, self.partition, PyBytes::new_bound(py, ledger.as_bytes()),
+                PyBytes::new_bound(py, &value), request_id,
+            ))?)?;
+        }
+        for (ledger, (applied, refused)) in counts {
+            per_ledger.set_item(ledger, vec![applied, refused])?;
+        }
+        let Work { mut writes, changed, .. } = work;
+        let mut cached = Vec::with_capacity(changed.len());
+        for (k, value) in changed {
+            match &value {
+                Value::Volumes(input, output) => writes.push((k.clone(), format!("{input},{output}").into_bytes())),
+                Value::Head(head) => writes.push((k.clone(), head.encode())),
+                Value::Account { first_usage } => {
+                    // A new account: `AccountRecord(address, {}, timestamp, date, date)`.
+                    let address = std::str::from_utf8(&k[k.iter().rposition(|&b| b == 0).unwrap() + 1..]).unwrap();
+                    writes.push((k.clone(), format!("[\"{address}\",{{}},{first_usage},{first_usage},{first_usage}]").into_bytes()));
+                }
+                _ => unreachable!("a round changes only volumes, heads and accounts"),
+            }
+            cached.push((k, value));
+        }
+        Ok(Some(Round {
+            emissions: emissions.unbind(), committed, rejected, per_ledger: per_ledger.unbind(), writes, cached,
+        }))
+    }
+
+    /// The round's writes are in the store: keep its values.
+    fn commit(&mut self, round: &Round) {
+        if self.cache.len() + round.cached.len() > self.cache_max {
+            self.cache.clear();
+        }
+        for (k, value) in &round.cached {
+            self.cache.insert(k.clone(), value.clone());
+        }
+    }
+
+    /// Something else wrote the store: forget every value.
+    fn clear(&mut self) {
+        self.cache.clear();
+    }
+
+    fn __len__(&self) -> usize {
+        self.cache.len()
+    }
+}
+
+#[pyfunction]
+#[pyo3(name = "rfc3339")]
+fn rfc3339_py(micros: i64) -> String {
+    rfc3339(micros)
+}
+
+#[pyfunction]
+#[pyo3(name = "murmur2")]
+fn murmur2_py(data: &[u8]) -> i32 {
+    murmur2(data)
+}
+
+#[pymodule]
+fn streamledger_native(m: &Bound<'_, PyModule>) -> PyResult<()> {
+    m.add_class::<Engine>()?;
+    m.add_class::<Batch>()?;
+    m.add_class::<Round>()?;
+    m.add_function(wrap_pyfunction!(rfc3339_py, m)?)?;
+    m.add_function(wrap_pyfunction!(murmur2_py, m)?)?;
+    Ok(())
+}
