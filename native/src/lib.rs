@@ -16,6 +16,7 @@
 //! definition: change it first, then this, never this alone.
 
 use std::collections::{HashMap, HashSet};
+use std::hash::{BuildHasherDefault, Hasher};
 
 use pyo3::exceptions::PyValueError;
 use pyo3::prelude::*;
@@ -33,6 +34,35 @@ const EFFECTIVE_VOLUMES_FEATURE: &str = "MOVES_HISTORY_POST_COMMIT_EFFECTIVE_VOL
 // timestamp-micros outside it, so such a record is the Python path's to refuse.
 const MICROS_MIN: i64 = -62_135_596_800_000_000;
 const MICROS_MAX: i64 = 253_402_300_799_999_999;
+
+/// FxHash (rustc's): the maps here are keyed by store keys the engine built itself, so
+/// SipHash's protection against chosen collisions buys nothing for its cost.
+#[derive(Default, Clone, Copy)]
+struct Fx(u64);
+
+impl Hasher for Fx {
+    fn write(&mut self, bytes: &[u8]) {
+        const K: u64 = 0x517c_c1b7_2722_0a95;
+        let mut chunks = bytes.chunks_exact(8);
+        for chunk in &mut chunks {
+            self.0 = (self.0.rotate_left(5) ^ u64::from_le_bytes(chunk.try_into().unwrap())).wrapping_mul(K);
+        }
+        for &byte in chunks.remainder() {
+            self.0 = (self.0.rotate_left(5) ^ byte as u64).wrapping_mul(K);
+        }
+    }
+
+    fn write_usize(&mut self, n: usize) {
+        self.0 = (self.0.rotate_left(5) ^ n as u64).wrapping_mul(0x517c_c1b7_2722_0a95);
+    }
+
+    fn finish(&self) -> u64 {
+        self.0
+    }
+}
+
+type FxMap<K, V> = HashMap<K, V, BuildHasherDefault<Fx>>;
+type FxSet<K> = HashSet<K, BuildHasherDefault<Fx>>;
 
 // ------------------------------------------------------------------------ requests
 
@@ -550,9 +580,9 @@ struct Fallback;
 /// A round in progress: reads go to its own writes, then the engine's cache, then the store.
 struct Work<'e> {
     engine: &'e Engine,
-    fetched: HashMap<Vec<u8>, Option<Vec<u8>>>,
-    changed: HashMap<Vec<u8>, Value>,
-    seen: HashSet<String>,
+    fetched: FxMap<Vec<u8>, Option<Vec<u8>>>,
+    changed: FxMap<Vec<u8>, Value>,
+    seen: FxSet<String>,
     writes: Vec<(Vec<u8>, Vec<u8>)>,
 }
 
@@ -914,7 +944,7 @@ struct Engine {
     emission: PyObject,
     committed_topic: PyObject,
     rejected_topic: PyObject,
-    cache: HashMap<Vec<u8>, Value>,
+    cache: FxMap<Vec<u8>, Value>,
     cache_max: usize,
 }
 
@@ -932,7 +962,7 @@ impl Engine {
         }
         Ok(Engine {
             partition, partitions, requests_header, log_header, rejection_header, emission,
-            committed_topic, rejected_topic, cache: HashMap::new(), cache_max,
+            committed_topic, rejected_topic, cache: FxMap::default(), cache_max,
         })
     }
 
@@ -963,7 +993,7 @@ impl Engine {
     fn apply(&self, py: Python, batches: Vec<PyRef<Batch>>, now: i64, get: &Bound<PyAny>) -> PyResult<Option<Round>> {
         // Every key the round may read and the cache lacks, fetched at once.
         let mut wanted: Vec<Vec<u8>> = Vec::new();
-        let mut asked: HashSet<Vec<u8>> = HashSet::new();
+        let mut asked: FxSet<Vec<u8>> = FxSet::default();
         let mut want = |k: Vec<u8>, always: bool| {
             if (always || !self.cache.contains_key(&k)) && asked.insert(k.clone()) {
                 wanted.push(k);
@@ -983,7 +1013,7 @@ impl Engine {
                 }
             }
         }
-        let mut fetched = HashMap::with_capacity(wanted.len());
+        let mut fetched = FxMap::with_capacity_and_hasher(wanted.len(), Default::default());
         if !wanted.is_empty() {
             let keys = PyList::new_bound(py, wanted.iter().map(|k| PyBytes::new_bound(py, k)));
             let values = get.call1((keys,))?;
@@ -993,7 +1023,9 @@ impl Engine {
                 fetched.insert(k, raw);
             }
         }
-        let mut work = Work { engine: self, fetched, changed: HashMap::new(), seen: HashSet::new(), writes: Vec::new() };
+        let mut work = Work {
+            engine: self, fetched, changed: FxMap::default(), seen: FxSet::default(), writes: Vec::with_capacity(8 * asked.len()),
+        };
         let mut outcomes = Vec::new();
         for batch in &batches {
             for t in &batch.transfers {
@@ -1005,7 +1037,7 @@ impl Engine {
         }
         let emissions = PyList::empty_bound(py);
         let per_ledger = PyDict::new_bound(py);
-        let mut counts: HashMap<String, (usize, usize)> = HashMap::new();
+        let mut counts: FxMap<String, (usize, usize)> = FxMap::default();
         let (mut committed, mut rejected) = (0, 0);
         for outcome in outcomes {
             let (topic, ledger, request_id, value) = match outcome {
@@ -1049,13 +1081,13 @@ impl Engine {
     }
 
     /// The round's writes are in the store: keep its values.
-    fn commit(&mut self, round: &Round) {
-        if self.cache.len() + round.cached.len() > self.cache_max {
+    fn commit(&mut self, mut round: PyRefMut<Round>) {
+        let cached = std::mem::take(&mut round.cached);
+        round.writes = Vec::new();
+        if self.cache.len() + cached.len() > self.cache_max {
             self.cache.clear();
         }
-        for (k, value) in &round.cached {
-            self.cache.insert(k.clone(), value.clone());
-        }
+        self.cache.extend(cached);
     }
 
     /// Something else wrote the store: forget every value.
