@@ -456,10 +456,10 @@ fn moment(timestamp: i64, transaction_id: i64) -> [u8; 16] {
 
 // ---------------------------------------------------------------------------- state
 
-#[derive(Clone)]
+#[derive(Clone, Copy)]
 struct Head {
     last_log_id: i64,
-    last_hash: Option<Vec<u8>>,
+    last_hash: Option<[u8; 32]>,
     last_transaction_id: i64,
     last_date: i64,
     max_timestamp: Option<i64>,
@@ -474,7 +474,7 @@ impl Head {
         let no_hash = v.get(4)?.as_bool()?;
         Some(Head {
             last_log_id: v.first()?.as_i64()?,
-            last_hash: if no_hash { None } else { Some(unbase64(v.get(1)?.as_str()?)?) },
+            last_hash: if no_hash { None } else { Some(unbase64(v.get(1)?.as_str()?)?.try_into().ok()?) },
             last_transaction_id: v.get(2)?.as_i64()?,
             last_date: v.get(3)?.as_i64()?,
             max_timestamp: match v.get(5) {
@@ -490,7 +490,7 @@ impl Head {
         out.push(b'[');
         push_int(&mut out, self.last_log_id);
         out.push(b',');
-        push_quoted(&mut out, &base64(self.last_hash.as_deref().unwrap_or_default()));
+        push_quoted(&mut out, &base64(self.last_hash.as_ref().map_or(&[][..], |h| &h[..])));
         out.push(b',');
         push_int(&mut out, self.last_transaction_id);
         out.push(b',');
@@ -505,8 +505,8 @@ impl Head {
     }
 }
 
-/// Decoded values of the hot kinds, as the store holds them once the last round committed.
-#[derive(Clone)]
+/// Decoded values of the hot kinds (what the store holds, or Absent).
+#[derive(Clone, Copy)]
 enum Value {
     Ledger { effective_volumes: bool },
     Head(Head),
@@ -535,6 +535,17 @@ fn parse_account(raw: &[u8]) -> Option<Value> {
     Some(Value::Account { first_usage: value.as_array()?.get(2)?.as_i64()? })
 }
 
+/// A stored value of a hot kind, by its key's kind letter.
+fn parse_stored(key: &[u8], raw: &[u8]) -> Option<Value> {
+    match key.first()? {
+        b'L' => parse_ledger(raw),
+        b'H' => Head::parse(raw).map(Value::Head),
+        b'V' => parse_volumes(raw).map(|(input, output)| Value::Volumes(input, output)),
+        b'A' => parse_account(raw),
+        _ => None,
+    }
+}
+
 // ---------------------------------------------------------------------------- rounds
 
 /// One partition's round, applied: what to publish, and the store writes to make once the
@@ -550,7 +561,7 @@ struct Round {
     #[pyo3(get)]
     per_ledger: Py<PyDict>,
     writes: Vec<(Vec<u8>, Vec<u8>)>,
-    cached: Vec<(Vec<u8>, Value)>,
+    number: u64,
 }
 
 #[pymethods]
@@ -577,40 +588,51 @@ enum Outcome {
 
 struct Fallback;
 
-/// A round in progress: reads go to its own writes, then the engine's cache, then the store.
+/// A round in progress. It changes the engine's cache in place, remembering what each
+/// key held before (`undo`), so a round that is never committed is rolled back.
 struct Work<'e> {
-    engine: &'e Engine,
-    fetched: FxMap<Vec<u8>, Option<Vec<u8>>>,
-    changed: FxMap<Vec<u8>, Value>,
+    cache: &'e mut FxMap<Vec<u8>, (Value, u64)>,
+    number: u64,
+    undo: Vec<(Vec<u8>, Option<(Value, u64)>)>,
+    answered: FxSet<Vec<u8>>,
     seen: FxSet<String>,
     writes: Vec<(Vec<u8>, Vec<u8>)>,
+    log_header: &'e [u8],
+    rejection_header: &'e [u8],
 }
 
 impl Work<'_> {
-    fn value(&mut self, key: &[u8], parse: fn(&[u8]) -> Option<Value>) -> Result<Value, Fallback> {
-        if let Some(value) = self.changed.get(key) {
-            return Ok(value.clone());
-        }
-        if let Some(value) = self.engine.cache.get(key) {
-            return Ok(value.clone());
-        }
-        match self.fetched.get(key) {
-            Some(None) => Ok(Value::Absent),
-            Some(Some(raw)) => parse(raw).ok_or(Fallback),
-            None => Err(Fallback), // every key a round reads is fetched before it starts
+    fn value(&self, key: &[u8]) -> Result<Value, Fallback> {
+        // Every key a round reads was fetched into the cache before it started.
+        self.cache.get(key).map(|(value, _)| *value).ok_or(Fallback)
+    }
+
+    fn set(&mut self, key: Vec<u8>, value: Value) {
+        use std::collections::hash_map::Entry;
+        match self.cache.entry(key) {
+            Entry::Occupied(mut slot) => {
+                if slot.get().1 != self.number {
+                    self.undo.push((slot.key().clone(), Some(*slot.get())));
+                }
+                slot.insert((value, self.number));
+            }
+            Entry::Vacant(slot) => {
+                self.undo.push((slot.key().clone(), None));
+                slot.insert((value, self.number));
+            }
         }
     }
 
-    fn volumes(&mut self, key: &[u8]) -> Result<(i128, i128), Fallback> {
-        match self.value(key, |raw| parse_volumes(raw).map(|(i, o)| Value::Volumes(i, o)))? {
+    fn volumes(&self, key: &[u8]) -> Result<(i128, i128), Fallback> {
+        match self.value(key)? {
             Value::Volumes(input, output) => Ok((input, output)),
             Value::Absent => Ok((0, 0)),
             _ => Err(Fallback),
         }
     }
 
-    fn head(&mut self, key: &[u8]) -> Result<Head, Fallback> {
-        match self.value(key, |raw| Head::parse(raw).map(Value::Head))? {
+    fn head(&self, key: &[u8]) -> Result<Head, Fallback> {
+        match self.value(key)? {
             Value::Head(head) => Ok(head),
             Value::Absent => Ok(Head::NONE),
             _ => Err(Fallback),
@@ -620,10 +642,10 @@ impl Work<'_> {
     fn transfer(&mut self, t: &Transfer, now: i64) -> Result<Outcome, Fallback> {
         let ledger = t.ledger.as_bytes();
         // A request id already answered is replayed by the Python path.
-        if !self.seen.insert(t.request_id.clone()) || self.fetched.get(&key(&[b"Q", t.request_id.as_bytes()])) != Some(&None) {
+        if !self.seen.insert(t.request_id.clone()) || self.answered.contains(&key(&[b"Q", t.request_id.as_bytes()])[..]) {
             return Err(Fallback);
         }
-        let effective_volumes = match self.value(&key(&[b"L", ledger]), parse_ledger)? {
+        let effective_volumes = match self.value(&key(&[b"L", ledger]))? {
             Value::Ledger { effective_volumes } => effective_volumes,
             _ => return Err(Fallback), // LEDGER_NOT_FOUND: the Python path rejects it
         };
@@ -692,7 +714,7 @@ impl Work<'_> {
         let mut new_accounts = Vec::new();
         for (account, _) in &post {
             let account_key = key(&[b"A", ledger, account.as_bytes()]);
-            match self.value(&account_key, parse_account)? {
+            match self.value(&account_key)? {
                 Value::Absent => new_accounts.push(account_key),
                 Value::Account { first_usage } if first_usage <= timestamp => {}
                 _ => return Err(Fallback),
@@ -737,7 +759,7 @@ impl Work<'_> {
             digest.update(format!("\"{}\"\n", base64(previous)).as_bytes());
         }
         digest.update(&line);
-        let hash: Vec<u8> = digest.finalize().to_vec();
+        let hash: [u8; 32] = digest.finalize().into();
 
         // The log's data: the transaction as projected (`_project_transaction`).
         let mut volumes_json = Vec::with_capacity(96 * post.len());
@@ -810,7 +832,7 @@ impl Work<'_> {
                 push_int(&mut record_volumes, output);
                 record_volumes.push(b']');
                 let volume_key = volume_key(account, asset);
-                self.changed.insert(volume_key, Value::Volumes(*input, *output));
+                self.set(volume_key, Value::Volumes(*input, *output));
                 if effective_volumes {
                     let mut effective_key = key(&[b"E", ledger, account.as_bytes(), asset.as_bytes()]);
                     effective_key.push(0);
@@ -822,7 +844,7 @@ impl Work<'_> {
         }
         record_volumes.push(b'}');
         for account_key in new_accounts {
-            self.changed.insert(account_key, Value::Account { first_usage: timestamp });
+            self.set(account_key, Value::Account { first_usage: timestamp });
         }
         let mut stored = Vec::with_capacity(postings_json.len() + record_volumes.len() + 96);
         stored.push(b'[');
@@ -855,9 +877,9 @@ impl Work<'_> {
         transaction_key.push(0);
         transaction_key.extend_from_slice(&(transaction_id as u64).to_be_bytes());
         self.writes.push((transaction_key, stored));
-        self.changed.insert(head_key, Value::Head(Head {
+        self.set(head_key, Value::Head(Head {
             last_log_id: log_id,
-            last_hash: Some(hash.clone()),
+            last_hash: Some(hash),
             last_transaction_id: transaction_id,
             last_date: date.max(head.last_date),
             max_timestamp: Some(head.max_timestamp.map_or(timestamp, |latest| latest.max(timestamp))),
@@ -883,7 +905,7 @@ impl Work<'_> {
 
         // What ledger.committed carries (`codecs.encode_log_entry`).
         let mut value = Vec::with_capacity(data.len() + 128);
-        value.extend_from_slice(&self.engine.log_header);
+        value.extend_from_slice(self.log_header);
         push_avro_bytes(&mut value, ledger);
         push_long(&mut value, log_id);
         push_avro_bytes(&mut value, b"NEW_TRANSACTION");
@@ -918,7 +940,7 @@ impl Work<'_> {
         record.push(b']');
         self.writes.push((key(&[b"Q", t.request_id.as_bytes()]), record));
         let mut value = Vec::with_capacity(message.len() + details.len() + 64);
-        value.extend_from_slice(&self.engine.rejection_header);
+        value.extend_from_slice(self.rejection_header);
         push_avro_bytes(&mut value, t.request_id.as_bytes());
         push_avro_bytes(&mut value, t.ledger.as_bytes());
         push_avro_bytes(&mut value, b"INSUFFICIENT_FUND");
@@ -932,8 +954,10 @@ impl Work<'_> {
 // ---------------------------------------------------------------------------- engine
 
 /// One partition's fast path: its decoder, and a cache of the hot values (ledgers, heads,
-/// volumes, accounts) as of the last round it committed. The caller clears the cache
-/// whenever anything else writes the partition's store (a Python round, a recovery).
+/// volumes, accounts). A round changes the cache in place and keeps an undo log until it is
+/// committed; a round never committed (its transaction failed) is rolled back before the
+/// next one. The caller clears the cache whenever anything else writes the partition's
+/// store (a Python round, a recovery).
 #[pyclass(module = "streamledger_native")]
 struct Engine {
     partition: i32,
@@ -944,8 +968,25 @@ struct Engine {
     emission: PyObject,
     committed_topic: PyObject,
     rejected_topic: PyObject,
-    cache: FxMap<Vec<u8>, Value>,
+    /// Values, each with the number of the round that last changed it.
+    cache: FxMap<Vec<u8>, (Value, u64)>,
     cache_max: usize,
+    rounds: u64,
+    /// The round applied and not committed yet: its number, and what it replaced.
+    pending: Option<(u64, Vec<(Vec<u8>, Option<(Value, u64)>)>)>,
+}
+
+impl Engine {
+    fn rollback(&mut self) {
+        if let Some((_, undo)) = self.pending.take() {
+            for (k, previous) in undo.into_iter().rev() {
+                match previous {
+                    Some(value) => self.cache.insert(k, value),
+                    None => self.cache.remove(&k),
+                };
+            }
+        }
+    }
 }
 
 #[pymethods]
@@ -962,7 +1003,7 @@ impl Engine {
         }
         Ok(Engine {
             partition, partitions, requests_header, log_header, rejection_header, emission,
-            committed_topic, rejected_topic, cache: FxMap::default(), cache_max,
+            committed_topic, rejected_topic, cache: FxMap::default(), cache_max, rounds: 0, pending: None,
         })
     }
 
@@ -990,18 +1031,23 @@ impl Engine {
 
     /// Apply a round of batches; None when any of it needs the Python path. `get` is the
     /// store's multi-get (a rocksdict `Rdict.get` of a list of keys).
-    fn apply(&self, py: Python, batches: Vec<PyRef<Batch>>, now: i64, get: &Bound<PyAny>) -> PyResult<Option<Round>> {
-        // Every key the round may read and the cache lacks, fetched at once.
+    fn apply(&mut self, py: Python, batches: Vec<PyRef<Batch>>, now: i64, get: &Bound<PyAny>) -> PyResult<Option<Round>> {
+        self.rollback();
+        if self.cache.len() > self.cache_max {
+            self.cache.clear();
+        }
+        // Every key the round may read and the cache lacks, fetched at once; what the
+        // store holds (or lacks) goes into the cache as it is.
         let mut wanted: Vec<Vec<u8>> = Vec::new();
         let mut asked: FxSet<Vec<u8>> = FxSet::default();
-        let mut want = |k: Vec<u8>, always: bool| {
-            if (always || !self.cache.contains_key(&k)) && asked.insert(k.clone()) {
-                wanted.push(k);
-            }
-        };
         for batch in &batches {
             for t in &batch.transfers {
                 let ledger = t.ledger.as_bytes();
+                let mut want = |k: Vec<u8>, always: bool| {
+                    if (always || !self.cache.contains_key(&k)) && asked.insert(k.clone()) {
+                        wanted.push(k);
+                    }
+                };
                 want(key(&[b"Q", t.request_id.as_bytes()]), true);
                 want(key(&[b"L", ledger]), false);
                 want(key(&[b"H", ledger]), false);
@@ -1013,28 +1059,62 @@ impl Engine {
                 }
             }
         }
-        let mut fetched = FxMap::with_capacity_and_hasher(wanted.len(), Default::default());
+        let mut answered = FxSet::default();
         if !wanted.is_empty() {
             let keys = PyList::new_bound(py, wanted.iter().map(|k| PyBytes::new_bound(py, k)));
             let values = get.call1((keys,))?;
             for (k, value) in wanted.into_iter().zip(values.iter()?) {
                 let value = value?;
-                let raw = if value.is_none() { None } else { Some(value.downcast::<PyBytes>()?.as_bytes().to_vec()) };
-                fetched.insert(k, raw);
+                if k[0] == b'Q' {
+                    if !value.is_none() {
+                        answered.insert(k);
+                    }
+                } else if value.is_none() {
+                    self.cache.insert(k, (Value::Absent, 0));
+                } else {
+                    match parse_stored(&k, value.downcast::<PyBytes>()?.as_bytes()) {
+                        Some(parsed) => self.cache.insert(k, (parsed, 0)),
+                        None => return Ok(None), // not a value this path reads: Python's
+                    };
+                }
             }
         }
+        self.rounds += 1;
         let mut work = Work {
-            engine: self, fetched, changed: FxMap::default(), seen: FxSet::default(), writes: Vec::with_capacity(8 * asked.len()),
+            cache: &mut self.cache, number: self.rounds, undo: Vec::new(), answered,
+            seen: FxSet::default(), writes: Vec::with_capacity(8 * asked.len()),
+            log_header: &self.log_header, rejection_header: &self.rejection_header,
         };
         let mut outcomes = Vec::new();
         for batch in &batches {
             for t in &batch.transfers {
                 match work.transfer(t, now) {
                     Ok(outcome) => outcomes.push(outcome),
-                    Err(Fallback) => return Ok(None),
+                    Err(Fallback) => {
+                        let undo = std::mem::take(&mut work.undo);
+                        self.pending = Some((self.rounds, undo));
+                        self.rollback();
+                        return Ok(None);
+                    }
                 }
             }
         }
+        let Work { mut writes, undo, .. } = work;
+        // The hot values the round changed, as they stand after it.
+        for (k, _) in &undo {
+            match self.cache[k].0 {
+                Value::Volumes(input, output) => writes.push((k.clone(), format!("{input},{output}").into_bytes())),
+                Value::Head(head) => writes.push((k.clone(), head.encode())),
+                Value::Account { first_usage } => {
+                    // A new account: `AccountRecord(address, {}, timestamp, date, date)`,
+                    // its timestamp being its date here (no explicit timestamps).
+                    let address = std::str::from_utf8(&k[k.iter().rposition(|&b| b == 0).unwrap() + 1..]).unwrap();
+                    writes.push((k.clone(), format!("[\"{address}\",{{}},{first_usage},{first_usage},{first_usage}]").into_bytes()));
+                }
+                _ => unreachable!("a round changes only volumes, heads and accounts"),
+            }
+        }
+        self.pending = Some((self.rounds, undo));
         let emissions = PyList::empty_bound(py);
         let per_ledger = PyDict::new_bound(py);
         let mut counts: FxMap<String, (usize, usize)> = FxMap::default();
@@ -1060,39 +1140,25 @@ impl Engine {
         for (ledger, (applied, refused)) in counts {
             per_ledger.set_item(ledger, vec![applied, refused])?;
         }
-        let Work { mut writes, changed, .. } = work;
-        let mut cached = Vec::with_capacity(changed.len());
-        for (k, value) in changed {
-            match &value {
-                Value::Volumes(input, output) => writes.push((k.clone(), format!("{input},{output}").into_bytes())),
-                Value::Head(head) => writes.push((k.clone(), head.encode())),
-                Value::Account { first_usage } => {
-                    // A new account: `AccountRecord(address, {}, timestamp, date, date)`.
-                    let address = std::str::from_utf8(&k[k.iter().rposition(|&b| b == 0).unwrap() + 1..]).unwrap();
-                    writes.push((k.clone(), format!("[\"{address}\",{{}},{first_usage},{first_usage},{first_usage}]").into_bytes()));
-                }
-                _ => unreachable!("a round changes only volumes, heads and accounts"),
-            }
-            cached.push((k, value));
-        }
         Ok(Some(Round {
-            emissions: emissions.unbind(), committed, rejected, per_ledger: per_ledger.unbind(), writes, cached,
+            emissions: emissions.unbind(), committed, rejected, per_ledger: per_ledger.unbind(), writes,
+            number: self.rounds,
         }))
     }
 
-    /// The round's writes are in the store: keep its values.
+    /// The round's writes are in the store: its values stay.
     fn commit(&mut self, mut round: PyRefMut<Round>) {
-        let cached = std::mem::take(&mut round.cached);
         round.writes = Vec::new();
-        if self.cache.len() + cached.len() > self.cache_max {
-            self.cache.clear();
+        match &self.pending {
+            Some((number, _)) if *number == round.number => self.pending = None,
+            _ => self.clear(), // not the round last applied: trust nothing cached
         }
-        self.cache.extend(cached);
     }
 
     /// Something else wrote the store: forget every value.
     fn clear(&mut self) {
         self.cache.clear();
+        self.pending = None;
     }
 
     fn __len__(&self) -> usize {

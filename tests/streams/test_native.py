@@ -134,9 +134,11 @@ class Run:
     native_rounds: int
 
 
-def _run(rounds: list[list[tuple[bytes, bytes | None]]], nows: list[int], native: bool) -> Run:
+def _run(rounds: list[list[tuple[bytes, bytes | None]]], nows: list[int], native: bool, retry: bool = False) -> Run:
     """Apply `rounds` (each a list of (key, value) records) the way the worker does, with
-    every partition's outcomes 'published' at consecutive offsets; -> what came out."""
+    every partition's outcomes 'published' at consecutive offsets; -> what came out.
+    `retry`: every round is applied twice, as after a failed transaction, the first
+    outcome dropped."""
     with tempfile.TemporaryDirectory() as folder:
         settings = Settings(data_dir=Path(folder), partitions=PARTITIONS, native=native)
         processors = [PartitionProcessor(settings, p) for p in range(PARTITIONS)]
@@ -152,6 +154,8 @@ def _run(rounds: list[list[tuple[bytes, bytes | None]]], nows: list[int], native
                     offsets[p] += 1
                 for p, payloads in sorted(by_partition.items()):
                     processor = processors[p]
+                    if retry:
+                        processor.apply(processor.decode(payloads, now), now)
                     applied = processor.apply(processor.decode(payloads, now), now)
                     native_rounds += isinstance(applied.overlay, streamledger_native.Round)
                     for e in applied.emissions:
@@ -246,6 +250,16 @@ def test_both_paths_publish_and_store_the_same_bytes(scenario):
     assert native.emissions == python.emissions
     for partition in range(PARTITIONS):
         assert dict(native.stores[partition]) == dict(python.stores[partition]), f"partition {partition}"
+
+
+@hsettings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
+@given(scenarios())
+def test_a_round_applied_again_after_a_failed_transaction_is_the_same(scenario):
+    """The worker retries a round whose transaction failed: the native path must roll back
+    what the failed attempt changed in its cache (never written to the store)."""
+    rounds, nows = scenario
+    retried, python = _run(rounds, nows, native=True, retry=True), _run(rounds, nows, native=False)
+    assert (retried.emissions, retried.stores) == (python.emissions, python.stores)
 
 
 def test_the_comparison_above_saw_native_rounds():
