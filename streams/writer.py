@@ -30,6 +30,7 @@ import logging
 import struct
 import threading
 import time
+from collections.abc import Iterable
 from concurrent.futures import ThreadPoolExecutor
 from concurrent.futures import TimeoutError as FutureTimeout
 from dataclasses import dataclass
@@ -153,9 +154,15 @@ class Writer:
             raise
         return producer
 
-    def commit(self, emissions: list[Emission], offsets: dict[int, int], metadata: bytes) -> dict[tuple[str, int], int]:
+    def commit(self, emissions: list[Emission] | Iterable[list[Emission]], offsets: dict[int, int],
+               metadata: bytes) -> dict[tuple[str, int], int]:
         """Publish `emissions` and commit the request `offsets` ({partition: next offset})
         in one transaction; -> the next offset of every (topic, partition) written.
+
+        `emissions` is a list, or an iterable of lists pulled while the transaction is
+        open: the worker applies a round partition by partition as the writer asks, so the
+        broker takes in one partition's records while the next is applied. An exception
+        raised by the iterable aborts the transaction and propagates.
 
         Raises GroupMoved (aborted: the group moved on), Fenced (stop), or KafkaException
         (aborted, producers dropped: the caller catches up and retries).
@@ -169,24 +176,25 @@ class Writer:
             if error is None:
                 written[(message.topic(), message.partition())] = message.offset() + 1
 
-        # The offsets written are what the stores record: the last record of each
-        # (topic, partition) tells them (a partition's records are acknowledged in order),
-        # so only those carry a delivery callback (measured: ~2 us less per record).
-        last_indexes = set({(e.topic, e.partition): i for i, e in enumerate(emissions)}.values())
-
+        chunks = [emissions] if isinstance(emissions, list) else emissions
         self._began = started = time.perf_counter()
         timings = self.timings = {}
         try:
             producer.begin_transaction()
             produce = producer.produce
-            for i, e in enumerate(emissions):
-                callback = delivered if i in last_indexes else None
-                headers = [("request_id", e.request_id.encode())]
-                try:
-                    produce(e.topic, e.value, e.key, e.partition, on_delivery=callback, headers=headers)
-                except BufferError:  # the local queue is full: let deliveries drain, retry
-                    producer.poll(0.1)
-                    produce(e.topic, e.value, e.key, e.partition, on_delivery=callback, headers=headers)
+            for chunk in chunks:
+                # The offsets written are what the stores record: the last record of each
+                # (topic, partition) tells them (a partition's records are acknowledged in
+                # order), so only those carry a delivery callback (~2 us less per record).
+                last_indexes = set({(e.topic, e.partition): i for i, e in enumerate(chunk)}.values())
+                for i, e in enumerate(chunk):
+                    callback = delivered if i in last_indexes else None
+                    headers = [("request_id", e.request_id.encode())]
+                    try:
+                        produce(e.topic, e.value, e.key, e.partition, on_delivery=callback, headers=headers)
+                    except BufferError:  # the local queue is full: let deliveries drain, retry
+                        producer.poll(0.1)
+                        produce(e.topic, e.value, e.key, e.partition, on_delivery=callback, headers=headers)
             timings["produce"] = (mark := time.perf_counter()) - started
             # Every record on its partition leader before the offsets go: see the module doc.
             remaining = producer.flush(30)
@@ -214,6 +222,9 @@ class Writer:
             # retry with new ones.
             self._abort(producer)
             self._producers = None
+            raise
+        except Exception:  # from `emissions` (applying a round): nothing of it may commit
+            self._abort(producer)
             raise
         finally:
             self._began = None

@@ -103,6 +103,49 @@ def test_a_round_with_a_stale_generation_is_refused_and_invisible(kafka_bootstra
         _close_within(zombie, 30)
 
 
+def test_a_round_that_fails_while_applied_is_aborted(kafka_bootstrap, monkeypatch):
+    """The worker applies a round partition by partition while its transaction is open
+    (the writer pulls the outcomes): an error in the middle aborts the transaction, and
+    what was produced before it never becomes visible."""
+    requests, outcomes = f"fail-in-{uuid.uuid4().hex[:8]}", f"fail-out-{uuid.uuid4().hex[:8]}"
+    _topics(kafka_bootstrap, requests, outcomes)
+    monkeypatch.setattr("streams.writer.REQUESTS", requests)
+    member = _member(kafka_bootstrap, f"fail-{uuid.uuid4().hex[:8]}", requests)
+    writer = Writer(kafka_bootstrap, f"fail-{uuid.uuid4().hex[:8]}")
+    # read_uncommitted: its high watermark counts records of open transactions.
+    probe = Consumer({"bootstrap.servers": kafka_bootstrap, "group.id": uuid.uuid4().hex,
+                      "isolation.level": "read_uncommitted"})
+
+    def high() -> int:
+        return probe.get_watermark_offsets(TopicPartition(outcomes, 0), timeout=5, cached=False)[1]
+
+    def failing_round():
+        yield [Emission(outcomes, 0, b"k", b"applied first", "r1")]
+        deadline = time.monotonic() + 20
+        while high() < 1:  # the first partition's record is on the broker, in the transaction
+            assert time.monotonic() < deadline, "the record never reached the broker"
+            time.sleep(0.05)
+        raise ZeroDivisionError("the second partition's apply failed")
+
+    try:
+        writer.ensure()
+        with pytest.raises(ZeroDivisionError):
+            writer.commit(failing_round(), {0: 1}, member.consumer_group_metadata())
+        # Its abort marker follows its record (the coordinator writes it just after the
+        # abort returns); a transaction left open would get one only when it times out.
+        deadline = time.monotonic() + 10
+        while high() < 2:
+            assert time.monotonic() < deadline, "the transaction was left open (no abort marker)"
+            time.sleep(0.05)
+        writer.commit(iter([[Emission(outcomes, 0, b"k", b"the retry", "r1")]]), {0: 1},
+                      member.consumer_group_metadata())
+        assert _visible(kafka_bootstrap, outcomes) == [b"the retry"]
+    finally:
+        probe.close()
+        writer.close()
+        member.close()
+
+
 def _close_within(consumer: Consumer, seconds: float) -> None:
     """Close a consumer, but never hang the suite on it: librdkafka's close of a member the
     group dropped (max.poll.interval exceeded) blocked once for minutes in a CI run."""
