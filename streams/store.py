@@ -169,18 +169,26 @@ class PartitionStore:
         # immutable once stored (the core copies before changing).
         self._cache: dict[tuple, object] = {}
         self._cache_entries_max = cache_entries_max
+        # Counts commits. Queries read from the event loop's thread while a round commits
+        # in another: a value read before a commit's write must not enter the cache after
+        # the commit updated it (it would stay stale), so `get` caches only if no commit
+        # wrote since it started reading. A commit writes, counts, then updates the cache.
+        self._commits = 0
 
     def get(self, key: tuple) -> object | None:
         cache = self._cache
         value = cache.get(key, _MISSING)
         if value is not _MISSING:
             return value
+        commits = self._commits
         raw = self._db.get(encode_key(key))
         value = None if raw is None else decode_value(key[0], raw)
-        if value is not None and key[0] in _CACHED_KINDS:
+        if value is not None and key[0] in _CACHED_KINDS and commits == self._commits:
             if len(cache) >= self._cache_entries_max:
                 cache.clear()
             cache[key] = value
+            if commits != self._commits:  # a commit came in between: its update may be lost
+                cache.pop(key, None)
         return value
 
     def get_many(self, keys: list[bytes]) -> list[bytes | None]:
@@ -206,6 +214,7 @@ class PartitionStore:
                 batch.put(encoded, encode_value(key[0], value))
         self._put_positions(batch, positions)
         self._db.write(batch)
+        self._commits += 1
         cache = self._cache
         if len(cache) + len(writes) > self._cache_entries_max:
             cache.clear()
@@ -223,6 +232,7 @@ class PartitionStore:
         round_.write_into(batch)
         self._put_positions(batch, positions)
         self._db.write(batch)
+        self._commits += 1
         self._cache.clear()
 
     def _put_positions(self, batch: WriteBatch, positions: dict[str, int]) -> None:

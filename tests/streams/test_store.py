@@ -119,3 +119,42 @@ def test_replay_refuses_a_log_that_forked(tmp_path):
             processor._replay_record(Overlay(processor.store), COMMITTED, other)
     finally:
         processor.close()
+
+
+class _CommitDuringRead:
+    """A store's database whose next read of `key` returns, and then a round commits
+    `commit` before the read's caller goes on: a query in the event loop's thread
+    interleaved with a round's commit in another."""
+
+    def __init__(self, store: PartitionStore, key: bytes, commit) -> None:
+        self.db, self.key, self.commit = store._db, key, commit
+
+    def get(self, key):
+        value = self.db.get(key)
+        if key == self.key and self.commit is not None:
+            commit, self.commit = self.commit, None
+            commit()
+        return value
+
+    def __getattr__(self, name):
+        return getattr(self.db, name)
+
+
+@pytest.mark.parametrize("native", [False, True])
+def test_a_read_racing_a_commit_never_caches_the_old_value(store, native):
+    key = (VOLUMES, "main", "a", "USD")
+    store.commit([(key, Volumes(1, 0))], {})
+    store._cache.clear()
+
+    def commit_newer():
+        if native:  # what a native round does: raw writes, then the cache dropped
+            class Round:
+                def write_into(self, batch):
+                    batch.put(encode_key(key), b"2,0")
+            store.commit_native(Round(), {})
+        else:
+            store.commit([(key, Volumes(2, 0))], {})
+
+    store._db = _CommitDuringRead(store, encode_key(key), commit_newer)
+    assert store.get(key) == Volumes(1, 0)  # read before the commit landed
+    assert store.get(key) == Volumes(2, 0)  # and not kept in the cache after it
