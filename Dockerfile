@@ -1,4 +1,16 @@
 # streamledger worker and gateway (one image, the command picks the process).
+
+# The worker's native fast path (native/, Rust): built into a wheel with the toolchain of
+# the official Rust image, for the Python of the final image.
+FROM python:3.12-slim AS native
+COPY --from=rust:1-slim-bookworm /usr/local/cargo /usr/local/cargo
+COPY --from=rust:1-slim-bookworm /usr/local/rustup /usr/local/rustup
+ENV CARGO_HOME=/usr/local/cargo RUSTUP_HOME=/usr/local/rustup PATH=/usr/local/cargo/bin:$PATH
+RUN apt-get update && apt-get install -y --no-install-recommends gcc libc6-dev \
+    && rm -rf /var/lib/apt/lists/* && pip install --no-cache-dir "maturin>=1.5,<2"
+COPY native /native
+RUN maturin build --release --manifest-path /native/Cargo.toml --out /wheels
+
 FROM python:3.12-slim
 WORKDIR /app
 COPY pyproject.toml README.md ./
@@ -8,7 +20,8 @@ COPY api api
 COPY streamledger streamledger
 COPY schemas schemas
 COPY kafka kafka
-RUN pip install --no-cache-dir -e .
+COPY --from=native /wheels /wheels
+RUN pip install --no-cache-dir /wheels/*.whl -e . && rm -rf /wheels
 ENV STREAMLEDGER_DATA_DIR=/data
 VOLUME ["/data"]
 EXPOSE 3068 6066
