@@ -1,9 +1,9 @@
 //! The worker's native fast path: rounds of simple transfers, byte for byte as the Python
 //! state machine (`ledger/machine.py`) applies them.
 //!
-//! A *simple transfer* is a `CreateTransaction` with postings only: no script, metadata,
-//! reference, explicit timestamp, idempotency key or dry run, every field valid, amounts
-//! that fit in 38 digits. `Engine.decode` reads a `RequestBatch` record and keeps it only
+//! A *simple transfer* is a `CreateTransaction` with postings, and maybe transaction
+//! metadata and a reference: no script, account metadata, explicit timestamp, idempotency
+//! key or dry run, every field valid, amounts that fit in 38 digits. `Engine.decode` reads a `RequestBatch` record and keeps it only
 //! when every request in it is one; `Engine.apply` applies a partition's round of such
 //! records against the store, or answers `None` when anything in it needs the general path
 //! (a redelivered request id, an unknown ledger, a back-dated ledger, a volume beyond 127
@@ -26,6 +26,11 @@ use sha2::{Digest, Sha256};
 const POSTINGS_MAX: usize = 1_000;
 const ADDRESS_BYTES_MAX: usize = 1_024;
 const REQUEST_ID_MAX: usize = 256;
+// `ledger.limits`, in bytes here (Python counts characters: a byte bound is stricter).
+const METADATA_ENTRIES_MAX: usize = 1_000;
+const METADATA_KEY_BYTES_MAX: usize = 1_024;
+const METADATA_VALUE_BYTES_MAX: usize = 64 * 1024;
+const REFERENCE_BYTES_MAX: usize = 1_024;
 // Amounts of more digits take the Python path (arbitrary precision); 38 digits fit an i128.
 const AMOUNT_DIGITS_MAX: usize = 38;
 const WORLD: &str = "world";
@@ -77,6 +82,9 @@ struct Transfer {
     request_id: String,
     ledger: String,
     postings: Vec<Posting>,
+    /// Transaction metadata in the record's order (Python's dict order).
+    metadata: Vec<(String, String)>,
+    reference: Option<String>,
     force: bool,
 }
 
@@ -306,10 +314,38 @@ fn read_transfer(reader: &mut Reader, partition: i32, partitions: i32) -> Option
     if postings.is_empty() {
         return None;
     }
-    if reader.long()? != 0 || reader.long()? != 0 {
-        return None; // a script, or a reference
+    if reader.long()? != 0 {
+        return None; // a script
     }
-    reader.empty_map()?; // metadata
+    let reference = match reader.long()? {
+        0 => None,
+        1 => {
+            let text = reader.text()?;
+            // "" is no reference to the Python path; a long one is its to refuse.
+            if text.is_empty() || text.len() > REFERENCE_BYTES_MAX {
+                return None;
+            }
+            Some(text.to_owned())
+        }
+        _ => return None,
+    };
+    let mut metadata: Vec<(String, String)> = Vec::new();
+    loop {
+        let count = reader.block()?;
+        if count == 0 {
+            break;
+        }
+        for _ in 0..count {
+            let key = reader.text()?;
+            let value = reader.text()?;
+            if key.len() > METADATA_KEY_BYTES_MAX || value.len() > METADATA_VALUE_BYTES_MAX
+                || metadata.len() >= METADATA_ENTRIES_MAX || metadata.iter().any(|(k, _)| k == key)
+            {
+                return None; // too large, or a key twice (the last one wins in Python)
+            }
+            metadata.push((key.to_owned(), value.to_owned()));
+        }
+    }
     reader.empty_map()?; // account_metadata
     if reader.long()? != 0 {
         return None; // an explicit timestamp
@@ -326,7 +362,7 @@ fn read_transfer(reader: &mut Reader, partition: i32, partitions: i32) -> Option
         return None;
     }
     reader.text()?; // reply_to
-    Some(Transfer { request_id: request_id.to_owned(), ledger: ledger.to_owned(), postings, force })
+    Some(Transfer { request_id: request_id.to_owned(), ledger: ledger.to_owned(), postings, metadata, reference, force })
 }
 
 // ------------------------------------------------------------------------- encoding
@@ -350,6 +386,64 @@ fn push_quoted(out: &mut Vec<u8>, text: &str) {
     out.push(b'"');
     out.extend_from_slice(text.as_bytes());
     out.push(b'"');
+}
+
+/// A JSON string as orjson (and Python's json with ensure_ascii=False) writes it: UTF-8 kept,
+/// `"` `\\` and control characters escaped (`\\b \\t \\n \\f \\r` short, others `\\u00xx`).
+fn push_json(out: &mut Vec<u8>, text: &str) {
+    push_escaped(out, text, false)
+}
+
+/// The same as Go's encoding/json writes it (`ledger.gojson`): also `<` `>` `&` and
+/// U+2028/U+2029 as `\\u` escapes.
+fn push_go_json(out: &mut Vec<u8>, text: &str) {
+    push_escaped(out, text, true)
+}
+
+fn push_escaped(out: &mut Vec<u8>, text: &str, go: bool) {
+    const HEX: &[u8; 16] = b"0123456789abcdef";
+    out.push(b'"');
+    for c in text.chars() {
+        match c {
+            '"' => out.extend_from_slice(b"\\\""),
+            '\\' => out.extend_from_slice(b"\\\\"),
+            '\u{08}' => out.extend_from_slice(b"\\b"),
+            '\t' => out.extend_from_slice(b"\\t"),
+            '\n' => out.extend_from_slice(b"\\n"),
+            '\u{0c}' => out.extend_from_slice(b"\\f"),
+            '\r' => out.extend_from_slice(b"\\r"),
+            c if (c as u32) < 0x20 || (go && matches!(c, '<' | '>' | '&' | '\u{2028}' | '\u{2029}')) => {
+                let n = c as u32;
+                out.extend_from_slice(b"\\u");
+                for shift in [12, 8, 4, 0] {
+                    out.push(HEX[(n >> shift & 15) as usize]);
+                }
+            }
+            c => {
+                let mut buffer = [0u8; 4];
+                out.extend_from_slice(c.encode_utf8(&mut buffer).as_bytes());
+            }
+        }
+    }
+    out.push(b'"');
+}
+
+/// A `dict[str, str]` as JSON, in the given order (Go: sorted by key, as its maps are).
+fn push_map(out: &mut Vec<u8>, map: &[(String, String)], go: bool) {
+    out.push(b'{');
+    let mut entries: Vec<&(String, String)> = map.iter().collect();
+    if go {
+        entries.sort_by(|a, b| a.0.cmp(&b.0));
+    }
+    for (i, (key, value)) in entries.into_iter().enumerate() {
+        if i > 0 {
+            out.push(b',');
+        }
+        push_escaped(out, key, go);
+        out.push(b':');
+        push_escaped(out, value, go);
+    }
+    out.push(b'}');
 }
 
 fn push_int(out: &mut Vec<u8>, value: impl std::fmt::Display) {
@@ -595,6 +689,8 @@ struct Work<'e> {
     number: u64,
     undo: Vec<(Vec<u8>, Option<(Value, u64)>)>,
     answered: FxSet<Vec<u8>>,
+    /// Reference keys taken: in the store (fetched) or by this round.
+    references: FxSet<Vec<u8>>,
     seen: FxSet<String>,
     writes: Vec<(Vec<u8>, Vec<u8>)>,
     log_header: &'e [u8],
@@ -649,6 +745,12 @@ impl Work<'_> {
             Value::Ledger { effective_volumes } => effective_volumes,
             _ => return Err(Fallback), // LEDGER_NOT_FOUND: the Python path rejects it
         };
+        if let Some(reference) = &t.reference {
+            let reference_key = key(&[b"R", ledger, reference.as_bytes()]);
+            if self.references.contains(&reference_key) {
+                return Ok(self.conflict(t, reference, now));
+            }
+        }
         let volume_key = |account: &str, asset: &str| key(&[b"V", ledger, account.as_bytes(), asset.as_bytes()]);
         if !t.force {
             // `_check_funds`: postings in order, balances tracked across them.
@@ -740,18 +842,40 @@ impl Work<'_> {
             postings_json.push(b'}');
         }
         postings_json.push(b']');
+        // `_transaction_memento`: metadata sorted, the reference before the id.
+        let mut memento = Vec::with_capacity(postings_json.len() + 128);
+        memento.extend_from_slice(b"{\"postings\":");
+        memento.extend_from_slice(&postings_json);
+        memento.extend_from_slice(b",\"metadata\":");
+        push_map(&mut memento, &t.metadata, true);
+        memento.extend_from_slice(b",\"timestamp\":");
+        push_quoted(&mut memento, &date_text);
+        if let Some(reference) = &t.reference {
+            memento.extend_from_slice(b",\"reference\":");
+            push_go_json(&mut memento, reference);
+        }
+        memento.extend_from_slice(b",\"id\":");
+        push_int(&mut memento, transaction_id);
+        memento.extend_from_slice(b",\"reverted\":false}");
+        // `_transaction_payload`: metadata as given, the reference last.
         let mut transaction = Vec::with_capacity(postings_json.len() + 128);
         transaction.extend_from_slice(b"{\"postings\":");
         transaction.extend_from_slice(&postings_json);
-        transaction.extend_from_slice(b",\"metadata\":{},\"timestamp\":");
+        transaction.extend_from_slice(b",\"metadata\":");
+        push_map(&mut transaction, &t.metadata, false);
+        transaction.extend_from_slice(b",\"timestamp\":");
         push_quoted(&mut transaction, &date_text);
         transaction.extend_from_slice(b",\"id\":");
         push_int(&mut transaction, transaction_id);
         transaction.extend_from_slice(b",\"reverted\":false");
-        let mut line = Vec::with_capacity(transaction.len() + 160);
+        if let Some(reference) = &t.reference {
+            transaction.extend_from_slice(b",\"reference\":");
+            push_json(&mut transaction, reference);
+        }
+        let mut line = Vec::with_capacity(memento.len() + 160);
         line.extend_from_slice(b"{\"type\":\"NEW_TRANSACTION\",\"data\":{\"transaction\":");
-        line.extend_from_slice(&transaction);
-        line.extend_from_slice(b"},\"accountMetadata\":{}},\"date\":");
+        line.extend_from_slice(&memento);
+        line.extend_from_slice(b",\"accountMetadata\":{}},\"date\":");
         push_quoted(&mut line, &date_text);
         line.extend_from_slice(b",\"idempotencyKey\":\"\",\"id\":0,\"hash\":null}\n");
         let mut digest = Sha256::new();
@@ -864,11 +988,18 @@ impl Work<'_> {
             push_quoted(&mut stored, &p.asset);
             stored.push(b']');
         }
-        stored.extend_from_slice(b"],{},");
+        stored.extend_from_slice(b"],");
+        push_map(&mut stored, &t.metadata, false);
+        stored.push(b',');
         push_int(&mut stored, timestamp);
         stored.push(b',');
         push_int(&mut stored, date);
-        stored.extend_from_slice(b",null,null,");
+        stored.push(b',');
+        match &t.reference {
+            Some(reference) => push_json(&mut stored, reference),
+            None => stored.extend_from_slice(b"null"),
+        }
+        stored.extend_from_slice(b",null,");
         push_int(&mut stored, date);
         stored.push(b',');
         stored.extend_from_slice(&record_volumes);
@@ -877,6 +1008,11 @@ impl Work<'_> {
         transaction_key.push(0);
         transaction_key.extend_from_slice(&(transaction_id as u64).to_be_bytes());
         self.writes.push((transaction_key, stored));
+        if let Some(reference) = &t.reference {
+            let reference_key = key(&[b"R", ledger, reference.as_bytes()]);
+            self.writes.push((reference_key.clone(), transaction_id.to_string().into_bytes()));
+            self.references.insert(reference_key);
+        }
         self.set(head_key, Value::Head(Head {
             last_log_id: log_id,
             last_hash: Some(hash),
@@ -918,6 +1054,12 @@ impl Work<'_> {
         Ok(Outcome::Committed { ledger: t.ledger.clone(), request_id: t.request_id.clone(), value })
     }
 
+    /// `Conflict` (the reference is taken) as `execute` records and publishes it.
+    fn conflict(&mut self, t: &Transfer, reference: &str, now: i64) -> Outcome {
+        let message = format!("transaction reference '{reference}' already exists");
+        self.rejection(t, "CONFLICT", &message, b"{}", now)
+    }
+
     /// `InsufficientFunds` as `execute` records and publishes it.
     fn insufficient(&mut self, t: &Transfer, p: &Posting, available: i128, now: i64) -> Outcome {
         let message = format!(
@@ -928,13 +1070,21 @@ impl Work<'_> {
             "{{\"account\":\"{}\",\"asset\":\"{}\",\"needed\":{},\"available\":{}}}",
             p.source, p.asset, p.amount, available
         );
+        self.rejection(t, "INSUFFICIENT_FUND", &message, details.as_bytes(), now)
+    }
+
+    /// A refusal: its request record, and the record for ledger.rejected. `details` is
+    /// JSON of plain ASCII, the same in the store (orjson) and on the topic (json.dumps).
+    fn rejection(&mut self, t: &Transfer, code: &str, message: &str, details: &[u8], now: i64) -> Outcome {
         let mut record = Vec::with_capacity(message.len() + details.len() + 64);
         record.push(b'[');
         push_quoted(&mut record, &t.ledger);
-        record.extend_from_slice(b",null,\"INSUFFICIENT_FUND\",");
-        push_quoted(&mut record, &message);
+        record.extend_from_slice(b",null,");
+        push_quoted(&mut record, code);
         record.push(b',');
-        record.extend_from_slice(details.as_bytes());
+        push_json(&mut record, message);
+        record.push(b',');
+        record.extend_from_slice(details);
         record.push(b',');
         push_int(&mut record, now);
         record.push(b']');
@@ -943,9 +1093,9 @@ impl Work<'_> {
         value.extend_from_slice(self.rejection_header);
         push_avro_bytes(&mut value, t.request_id.as_bytes());
         push_avro_bytes(&mut value, t.ledger.as_bytes());
-        push_avro_bytes(&mut value, b"INSUFFICIENT_FUND");
+        push_avro_bytes(&mut value, code.as_bytes());
         push_avro_bytes(&mut value, message.as_bytes());
-        push_avro_bytes(&mut value, details.as_bytes());
+        push_avro_bytes(&mut value, details);
         push_long(&mut value, now);
         Outcome::Rejected { ledger: t.ledger.clone(), request_id: t.request_id.clone(), value }
     }
@@ -1049,6 +1199,9 @@ impl Engine {
                     }
                 };
                 want(key(&[b"Q", t.request_id.as_bytes()]), true);
+                if let Some(reference) = &t.reference {
+                    want(key(&[b"R", ledger, reference.as_bytes()]), true);
+                }
                 want(key(&[b"L", ledger]), false);
                 want(key(&[b"H", ledger]), false);
                 for p in &t.postings {
@@ -1060,14 +1213,15 @@ impl Engine {
             }
         }
         let mut answered = FxSet::default();
+        let mut references = FxSet::default();
         if !wanted.is_empty() {
             let keys = PyList::new_bound(py, wanted.iter().map(|k| PyBytes::new_bound(py, k)));
             let values = get.call1((keys,))?;
             for (k, value) in wanted.into_iter().zip(values.iter()?) {
                 let value = value?;
-                if k[0] == b'Q' {
+                if k[0] == b'Q' || k[0] == b'R' {
                     if !value.is_none() {
-                        answered.insert(k);
+                        if k[0] == b'Q' { answered.insert(k) } else { references.insert(k) };
                     }
                 } else if value.is_none() {
                     self.cache.insert(k, (Value::Absent, 0));
@@ -1081,7 +1235,7 @@ impl Engine {
         }
         self.rounds += 1;
         let mut work = Work {
-            cache: &mut self.cache, number: self.rounds, undo: Vec::new(), answered,
+            cache: &mut self.cache, number: self.rounds, undo: Vec::new(), answered, references,
             seen: FxSet::default(), writes: Vec::with_capacity(8 * asked.len()),
             log_header: &self.log_header, rejection_header: &self.rejection_header,
         };

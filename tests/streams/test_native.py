@@ -75,9 +75,9 @@ def test_simple_transfers_are_decoded_natively():
     engine = _engine(_ledger_partition("main"))
     batch = engine.decode(b"main", _record(
         _transfer("r1"), _transfer("r2", postings=(("a", "b:c_1-x", 10**37, "EUR_X/2"), ("world", "a", 0, "USD"))),
-        _transfer("r3", force=True),
+        _transfer("r3", force=True), _transfer("r4", metadata={"order": "<42> & \"é\"\n"}, reference="ref\u2028"),
     ))
-    assert batch is not None and len(batch) == 3 and batch.postings == 4
+    assert batch is not None and len(batch) == 4 and batch.postings == 5
     assert batch.key == b"main"
 
 
@@ -87,9 +87,10 @@ def test_simple_transfers_are_decoded_natively():
     _transfer(postings=(("world", "a b", 1, "USD"),)),  # not an address
     _transfer(postings=(("world", "a:", 1, "USD"),)),
     _transfer(postings=()),
-    _transfer(metadata={"k": "v"}),
     _transfer(account_metadata={"a": {"k": "v"}}),
-    _transfer(reference="ref"),
+    _transfer(reference="r" * 1025),
+    _transfer(metadata={"k" * 1025: "v"}),
+    _transfer(metadata={str(i): "v" for i in range(1001)}),
     _transfer(timestamp=NOW),
     _transfer(request_id='quote"d'),
     _transfer(request_id="é"),
@@ -176,6 +177,9 @@ def _setup() -> list[tuple[bytes, bytes]]:
     return [(r.ledger.encode(), _record(r)) for r in created]
 
 
+# Text that every JSON encoder here must escape alike: quotes, backslashes, control
+# characters, HTML characters (Go escapes them in the hash line), U+2028, non-ASCII.
+TEXT = st.text(st.sampled_from(list('ab"\\/<>&\x00\x01\x1f\x7f\b\t\n\f\r\u2028\u2029é😀')), max_size=6)
 ACCOUNTS = st.sampled_from(["world", "world", "a", "b", "users:001", "users:002"])
 ASSETS = st.sampled_from(["USD", "USD", "EUR/2"])
 AMOUNTS = st.integers(0, 99).flatmap(  # mostly small; now and then beyond the native path's 38 digits
@@ -190,12 +194,12 @@ def requests(draw, number: int) -> Request:
                      for _ in range(draw(st.integers(1, 3))))
     kind = draw(st.integers(0, 69))
     fields: dict = {}
-    if kind == 0:
-        fields["metadata"] = {"k": "v"}
-    elif kind == 1:
+    if draw(st.integers(0, 3)) == 0:  # metadata and references take the native path too
+        fields["metadata"] = draw(st.dictionaries(TEXT, TEXT, max_size=3))
+    if draw(st.integers(0, 3)) == 0:  # a few references, so that some are taken
+        fields["reference"] = draw(st.sampled_from(["ref0", "ref1", "r\u00e9f <&>", 'quote"\\\n\u2028']))
+    if kind == 1:
         fields["timestamp"] = NOW + draw(st.integers(-10**9, 10**10))  # back- or forward-dated
-    elif kind == 2:
-        fields["reference"] = f"ref{draw(st.integers(0, 3))}"
     elif kind == 3:
         return Request(request_id, ledger, RevertTransaction(draw(st.integers(1, 4)), force=True), received_at=NOW)
     elif kind == 4:
@@ -270,11 +274,11 @@ def test_the_comparison_above_saw_native_rounds():
 
 
 def test_each_path_sees_what_the_other_wrote():
-    """Native, then Python (a transaction with metadata, same accounts), then native: the
+    """Native, then Python (a transaction with account metadata, same accounts), then native: the
     native path's cached balances must not outlive the Python round."""
     rounds = [
         [(b"main", _record(_transfer("n1", postings=(("world", "a", 100, "USD"),))))],
-        [(b"main", _record(_transfer("p1", postings=(("a", "b", 60, "USD"),), metadata={"k": "v"})))],
+        [(b"main", _record(_transfer("p1", postings=(("a", "b", 60, "USD"),), account_metadata={"b": {"k": "v"}})))],
         [(b"main", _record(_transfer("n2", postings=(("a", "b", 50, "USD"),))))],  # 40 left: refused
         [(b"main", _record(_transfer("n3", postings=(("a", "b", 40, "USD"),))))],
     ]
