@@ -282,11 +282,15 @@ class PartitionProcessor:
         A request redelivered anyway (its offset commit lost in a rebalance, or produced
         twice) is recognised by its request id and answered with its first outcome.
         """
+        path = "python"
         if self.engine is not None and all(type(items) is _Batch for _offset, items in records):
             round_ = self.engine.apply([items for _offset, items in records], now, self.store.get_many)
             if round_ is not None:
+                metrics.partition_rounds.labels("native").inc()
                 result = BatchResult(round_.committed, round_.rejected, 0, round_.per_ledger)
                 return Applied(self.partition, round_, round_.emissions, records[-1][0] + 1, result)
+            path = "fallback"
+        metrics.partition_rounds.labels(path).inc()
         if self.engine is not None:  # some or all of it takes the Python path
             records = [(offset, self._decode(offset, items.key, items.payload, now) if type(items) is _Batch else items)
                        for offset, items in records]

@@ -122,6 +122,9 @@ def test_worker_exposes_prometheus_metrics(stack, ledger):
     for name in ("streamledger_batch_seconds", "streamledger_consumer_lag", "streamledger_recovered_records",
                  "streamledger_batch_requests"):
         assert name in text, name
+    # The transfer took the native fast path (the ledger's creation the Python one).
+    native = [line for line in text.splitlines() if line.startswith('streamledger_partition_rounds_total{path="native"}')]
+    assert native and float(native[0].split()[-1]) >= 1, text
 
 
 def test_transactions_and_logs_page_with_cursors(stack, ledger):
