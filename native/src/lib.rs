@@ -2,8 +2,8 @@
 //! state machine (`ledger/machine.py`) applies them.
 //!
 //! A *simple transfer* is a `CreateTransaction` with postings, and maybe transaction
-//! metadata and a reference: no script, account metadata, explicit timestamp, idempotency
-//! key or dry run, every field valid, amounts that fit in 38 digits. `Engine.decode` reads a `RequestBatch` record and keeps it only
+//! metadata, a reference and an idempotency key: no script, account metadata, explicit
+//! timestamp or dry run, every field valid, amounts that fit in 38 digits. `Engine.decode` reads a `RequestBatch` record and keeps it only
 //! when every request in it is one; `Engine.apply` applies a partition's round of such
 //! records against the store, or answers `None` when anything in it needs the general path
 //! (a redelivered request id, an unknown ledger, a back-dated ledger, a volume beyond 127
@@ -31,6 +31,7 @@ const METADATA_ENTRIES_MAX: usize = 1_000;
 const METADATA_KEY_BYTES_MAX: usize = 1_024;
 const METADATA_VALUE_BYTES_MAX: usize = 64 * 1024;
 const REFERENCE_BYTES_MAX: usize = 1_024;
+const IDEMPOTENCY_BYTES_MAX: usize = 1_024;
 // Amounts of more digits take the Python path (arbitrary precision); 38 digits fit an i128.
 const AMOUNT_DIGITS_MAX: usize = 38;
 const WORLD: &str = "world";
@@ -85,6 +86,8 @@ struct Transfer {
     /// Transaction metadata in the record's order (Python's dict order).
     metadata: Vec<(String, String)>,
     reference: Option<String>,
+    /// (key, hash of the input) when the request carries an idempotency key.
+    idempotency: Option<(String, String)>,
     force: bool,
 }
 
@@ -351,9 +354,18 @@ fn read_transfer(reader: &mut Reader, partition: i32, partitions: i32) -> Option
         return None; // an explicit timestamp
     }
     let force = reader.boolean()?;
-    if !reader.bytes()?.is_empty() || !reader.bytes()?.is_empty() {
-        return None; // an idempotency key or hash
-    }
+    let (idempotency_key, idempotency_hash) = (reader.text()?, reader.text()?);
+    let idempotency = if idempotency_key.is_empty() {
+        if !idempotency_hash.is_empty() {
+            return None; // a hash without a key: the Python path's
+        }
+        None
+    } else {
+        if idempotency_key.len() > IDEMPOTENCY_BYTES_MAX || idempotency_hash.len() > IDEMPOTENCY_BYTES_MAX {
+            return None;
+        }
+        Some((idempotency_key.to_owned(), idempotency_hash.to_owned()))
+    };
     if reader.boolean()? {
         return None; // a dry run
     }
@@ -362,7 +374,9 @@ fn read_transfer(reader: &mut Reader, partition: i32, partitions: i32) -> Option
         return None;
     }
     reader.text()?; // reply_to
-    Some(Transfer { request_id: request_id.to_owned(), ledger: ledger.to_owned(), postings, metadata, reference, force })
+    Some(Transfer {
+        request_id: request_id.to_owned(), ledger: ledger.to_owned(), postings, metadata, reference, idempotency, force,
+    })
 }
 
 // ------------------------------------------------------------------------- encoding
@@ -442,6 +456,56 @@ fn push_map(out: &mut Vec<u8>, map: &[(String, String)], go: bool) {
         push_escaped(out, key, go);
         out.push(b':');
         push_escaped(out, value, go);
+    }
+    out.push(b'}');
+}
+
+/// Postings as the log's JSON has them (objects) or as the stored transaction (lists).
+fn push_postings(out: &mut Vec<u8>, postings: &[Posting], objects: bool) {
+    out.push(b'[');
+    for (i, p) in postings.iter().enumerate() {
+        if i > 0 {
+            out.push(b',');
+        }
+        out.extend_from_slice(if objects { b"{\"source\":" } else { b"[" });
+        push_quoted(out, &p.source);
+        out.extend_from_slice(if objects { b",\"destination\":" } else { b"," });
+        push_quoted(out, &p.destination);
+        out.extend_from_slice(if objects { b",\"amount\":" } else { b"," });
+        push_int(out, p.amount);
+        out.extend_from_slice(if objects { b",\"asset\":" } else { b"," });
+        push_quoted(out, &p.asset);
+        out.push(if objects { b'}' } else { b']' });
+    }
+    out.push(b']');
+}
+
+/// {account: {asset: volumes}}: `volumes_json` (input, output, balance) for the log, or
+/// the stored transaction's [input, output].
+fn push_volumes(out: &mut Vec<u8>, post: &[(&str, Vec<(&str, i128, i128)>)], objects: bool) {
+    out.push(b'{');
+    for (i, (account, by_asset)) in post.iter().enumerate() {
+        if i > 0 {
+            out.push(b',');
+        }
+        push_quoted(out, account);
+        out.extend_from_slice(b":{");
+        for (j, (asset, input, output)) in by_asset.iter().enumerate() {
+            if j > 0 {
+                out.push(b',');
+            }
+            push_quoted(out, asset);
+            out.extend_from_slice(if objects { b":{\"input\":" } else { b":[" });
+            push_int(out, input);
+            out.extend_from_slice(if objects { b",\"output\":" } else { b"," });
+            push_int(out, output);
+            if objects {
+                out.extend_from_slice(b",\"balance\":");
+                push_int(out, input - output);
+            }
+            out.push(if objects { b'}' } else { b']' });
+        }
+        out.push(b'}');
     }
     out.push(b'}');
 }
@@ -688,6 +752,7 @@ struct Work<'e> {
     cache: &'e mut FxMap<Vec<u8>, (Value, u64)>,
     number: u64,
     undo: Vec<(Vec<u8>, Option<(Value, u64)>)>,
+    /// Request ids and idempotency keys answered: in the store (fetched) or by this round.
     answered: FxSet<Vec<u8>>,
     /// Reference keys taken: in the store (fetched) or by this round.
     references: FxSet<Vec<u8>>,
@@ -740,6 +805,13 @@ impl Work<'_> {
         // A request id already answered is replayed by the Python path.
         if !self.seen.insert(t.request_id.clone()) || self.answered.contains(&key(&[b"Q", t.request_id.as_bytes()])[..]) {
             return Err(Fallback);
+        }
+        // An idempotency key used before (in the store or this round) is a replay, or a
+        // refusal of a different input: the Python path's.
+        if let Some((idempotency_key, _)) = &t.idempotency {
+            if self.answered.contains(&key(&[b"I", ledger, idempotency_key.as_bytes()])[..]) {
+                return Err(Fallback);
+            }
         }
         let effective_volumes = match self.value(&key(&[b"L", ledger]))? {
             Value::Ledger { effective_volumes } => effective_volumes,
@@ -826,22 +898,7 @@ impl Work<'_> {
 
         // The hash: Go's JSON of the log's memento (`ledger.hashchain`).
         let mut postings_json = Vec::with_capacity(96 * t.postings.len());
-        postings_json.push(b'[');
-        for (i, p) in t.postings.iter().enumerate() {
-            if i > 0 {
-                postings_json.push(b',');
-            }
-            postings_json.extend_from_slice(b"{\"source\":");
-            push_quoted(&mut postings_json, &p.source);
-            postings_json.extend_from_slice(b",\"destination\":");
-            push_quoted(&mut postings_json, &p.destination);
-            postings_json.extend_from_slice(b",\"amount\":");
-            push_int(&mut postings_json, p.amount);
-            postings_json.extend_from_slice(b",\"asset\":");
-            push_quoted(&mut postings_json, &p.asset);
-            postings_json.push(b'}');
-        }
-        postings_json.push(b']');
+        push_postings(&mut postings_json, &t.postings, true);
         // `_transaction_memento`: metadata sorted, the reference before the id.
         let mut memento = Vec::with_capacity(postings_json.len() + 128);
         memento.extend_from_slice(b"{\"postings\":");
@@ -877,7 +934,9 @@ impl Work<'_> {
         line.extend_from_slice(&memento);
         line.extend_from_slice(b",\"accountMetadata\":{}},\"date\":");
         push_quoted(&mut line, &date_text);
-        line.extend_from_slice(b",\"idempotencyKey\":\"\",\"id\":0,\"hash\":null}\n");
+        line.extend_from_slice(b",\"idempotencyKey\":");
+        push_go_json(&mut line, t.idempotency.as_ref().map_or("", |(k, _)| k.as_str()));
+        line.extend_from_slice(b",\"id\":0,\"hash\":null}\n");
         let mut digest = Sha256::new();
         if let Some(previous) = &head.last_hash {
             digest.update(format!("\"{}\"\n", base64(previous)).as_bytes());
@@ -887,29 +946,7 @@ impl Work<'_> {
 
         // The log's data: the transaction as projected (`_project_transaction`).
         let mut volumes_json = Vec::with_capacity(96 * post.len());
-        volumes_json.push(b'{');
-        for (i, (account, by_asset)) in post.iter().enumerate() {
-            if i > 0 {
-                volumes_json.push(b',');
-            }
-            push_quoted(&mut volumes_json, account);
-            volumes_json.extend_from_slice(b":{");
-            for (j, (asset, input, output)) in by_asset.iter().enumerate() {
-                if j > 0 {
-                    volumes_json.push(b',');
-                }
-                push_quoted(&mut volumes_json, asset);
-                volumes_json.extend_from_slice(b":{\"input\":");
-                push_int(&mut volumes_json, input);
-                volumes_json.extend_from_slice(b",\"output\":");
-                push_int(&mut volumes_json, output);
-                volumes_json.extend_from_slice(b",\"balance\":");
-                push_int(&mut volumes_json, input - output);
-                volumes_json.push(b'}');
-            }
-            volumes_json.push(b'}');
-        }
-        volumes_json.push(b'}');
+        push_volumes(&mut volumes_json, &post, true);
         let mut data = Vec::with_capacity(transaction.len() + 2 * volumes_json.len() + 128);
         data.extend_from_slice(b"{\"transaction\":");
         data.extend_from_slice(&transaction);
@@ -936,27 +973,9 @@ impl Work<'_> {
         record.push(b']');
         self.writes.push((key(&[b"Q", request_id.as_bytes()]), record));
         let the_moment = moment(timestamp, transaction_id);
-        let mut record_volumes = Vec::with_capacity(64 * post.len());
-        record_volumes.push(b'{');
-        for (i, (account, by_asset)) in post.iter().enumerate() {
-            if i > 0 {
-                record_volumes.push(b',');
-            }
-            push_quoted(&mut record_volumes, account);
-            record_volumes.extend_from_slice(b":{");
-            for (j, (asset, input, output)) in by_asset.iter().enumerate() {
-                if j > 0 {
-                    record_volumes.push(b',');
-                }
-                push_quoted(&mut record_volumes, asset);
-                record_volumes.push(b':');
-                record_volumes.push(b'[');
-                push_int(&mut record_volumes, input);
-                record_volumes.push(b',');
-                push_int(&mut record_volumes, output);
-                record_volumes.push(b']');
-                let volume_key = volume_key(account, asset);
-                self.set(volume_key, Value::Volumes(*input, *output));
+        for (account, by_asset) in &post {
+            for (asset, input, output) in by_asset {
+                self.set(volume_key(account, asset), Value::Volumes(*input, *output));
                 if effective_volumes {
                     let mut effective_key = key(&[b"E", ledger, account.as_bytes(), asset.as_bytes()]);
                     effective_key.push(0);
@@ -964,31 +983,16 @@ impl Work<'_> {
                     self.writes.push((effective_key, format!("{input},{output}").into_bytes()));
                 }
             }
-            record_volumes.push(b'}');
         }
-        record_volumes.push(b'}');
         for account_key in new_accounts {
             self.set(account_key, Value::Account { first_usage: timestamp });
         }
-        let mut stored = Vec::with_capacity(postings_json.len() + record_volumes.len() + 96);
+        let mut stored = Vec::with_capacity(2 * postings_json.len() + 96);
         stored.push(b'[');
         push_int(&mut stored, transaction_id);
-        stored.extend_from_slice(b",[");
-        for (i, p) in t.postings.iter().enumerate() {
-            if i > 0 {
-                stored.push(b',');
-            }
-            stored.push(b'[');
-            push_quoted(&mut stored, &p.source);
-            stored.push(b',');
-            push_quoted(&mut stored, &p.destination);
-            stored.push(b',');
-            push_int(&mut stored, p.amount);
-            stored.push(b',');
-            push_quoted(&mut stored, &p.asset);
-            stored.push(b']');
-        }
-        stored.extend_from_slice(b"],");
+        stored.push(b',');
+        push_postings(&mut stored, &t.postings, false);
+        stored.push(b',');
         push_map(&mut stored, &t.metadata, false);
         stored.push(b',');
         push_int(&mut stored, timestamp);
@@ -1002,7 +1006,7 @@ impl Work<'_> {
         stored.extend_from_slice(b",null,");
         push_int(&mut stored, date);
         stored.push(b',');
-        stored.extend_from_slice(&record_volumes);
+        push_volumes(&mut stored, &post, false);
         stored.push(b']');
         let mut transaction_key = key(&[b"T", ledger]);
         transaction_key.push(0);
@@ -1029,7 +1033,12 @@ impl Work<'_> {
         entry.extend_from_slice(&data);
         entry.push(b',');
         push_int(&mut entry, date);
-        entry.extend_from_slice(b",\"\",\"\",");
+        let (idempotency_key, idempotency_hash) = t.idempotency.as_ref().map_or(("", ""), |(k, h)| (k.as_str(), h.as_str()));
+        entry.push(b',');
+        push_json(&mut entry, idempotency_key);
+        entry.push(b',');
+        push_json(&mut entry, idempotency_hash);
+        entry.push(b',');
         push_quoted(&mut entry, &hash_text);
         entry.push(b',');
         push_quoted(&mut entry, request_id);
@@ -1047,8 +1056,20 @@ impl Work<'_> {
         push_avro_bytes(&mut value, b"NEW_TRANSACTION");
         push_avro_bytes(&mut value, &data);
         push_long(&mut value, date);
-        push_long(&mut value, 0); // idempotency_key ""
-        push_long(&mut value, 0); // idempotency_hash ""
+        push_avro_bytes(&mut value, idempotency_key.as_bytes());
+        push_avro_bytes(&mut value, idempotency_hash.as_bytes());
+        if !idempotency_key.is_empty() {
+            // `IdempotencyRecord(input_hash, request_id)`; a refusal records none.
+            let idempotency = key(&[b"I", ledger, idempotency_key.as_bytes()]);
+            let mut record = Vec::with_capacity(idempotency_hash.len() + request_id.len() + 8);
+            record.push(b'[');
+            push_json(&mut record, idempotency_hash);
+            record.push(b',');
+            push_quoted(&mut record, request_id);
+            record.push(b']');
+            self.writes.push((idempotency.clone(), record));
+            self.answered.insert(idempotency);
+        }
         push_avro_bytes(&mut value, &hash);
         push_avro_bytes(&mut value, request_id.as_bytes());
         Ok(Outcome::Committed { ledger: t.ledger.clone(), request_id: t.request_id.clone(), value })
@@ -1202,6 +1223,9 @@ impl Engine {
                 if let Some(reference) = &t.reference {
                     want(key(&[b"R", ledger, reference.as_bytes()]), true);
                 }
+                if let Some((idempotency_key, _)) = &t.idempotency {
+                    want(key(&[b"I", ledger, idempotency_key.as_bytes()]), true);
+                }
                 want(key(&[b"L", ledger]), false);
                 want(key(&[b"H", ledger]), false);
                 for p in &t.postings {
@@ -1219,9 +1243,10 @@ impl Engine {
             let values = get.call1((keys,))?;
             for (k, value) in wanted.into_iter().zip(values.iter()?) {
                 let value = value?;
-                if k[0] == b'Q' || k[0] == b'R' {
+                if matches!(k[0], b'Q' | b'R' | b'I') {
+                    // Request ids, references and idempotency keys: only whether taken.
                     if !value.is_none() {
-                        if k[0] == b'Q' { answered.insert(k) } else { references.insert(k) };
+                        if k[0] == b'R' { references.insert(k) } else { answered.insert(k) };
                     }
                 } else if value.is_none() {
                     self.cache.insert(k, (Value::Absent, 0));

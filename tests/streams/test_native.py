@@ -76,8 +76,9 @@ def test_simple_transfers_are_decoded_natively():
     batch = engine.decode(b"main", _record(
         _transfer("r1"), _transfer("r2", postings=(("a", "b:c_1-x", 10**37, "EUR_X/2"), ("world", "a", 0, "USD"))),
         _transfer("r3", force=True), _transfer("r4", metadata={"order": "<42> & \"é\"\n"}, reference="ref\u2028"),
+        Request("r5", "main", _transfer().command, idempotency_key="k<1>", idempotency_hash="h", received_at=NOW),
     ))
-    assert batch is not None and len(batch) == 4 and batch.postings == 5
+    assert batch is not None and len(batch) == 5 and batch.postings == 6
     assert batch.key == b"main"
 
 
@@ -100,7 +101,7 @@ def test_simple_transfers_are_decoded_natively():
     Request("r1", "main", RevertTransaction(1), received_at=NOW),
     Request("r1", "main", CreateLedger(), received_at=NOW),
     Request("r1", "main", SaveMetadata("ACCOUNT", "a", {"k": "v"}), received_at=NOW),
-    Request("r1", "main", _transfer().command, idempotency_key="k", received_at=NOW),
+    Request("r1", "main", _transfer().command, idempotency_key="k" * 1025, received_at=NOW),
     Request("r1", "main", _transfer().command, idempotency_hash="h", received_at=NOW),
     Request("r1", "main", _transfer().command, dry_run=True, received_at=NOW),
 ])
@@ -206,9 +207,10 @@ def requests(draw, number: int) -> Request:
         return Request(request_id, ledger, SaveMetadata("ACCOUNT", draw(ACCOUNTS), {"k": "v"}), received_at=NOW)
     elif kind == 5:
         return Request(request_id, ledger, CreateTransaction(postings=postings), dry_run=True, received_at=NOW)
-    elif kind == 6:
-        return Request(request_id, ledger, CreateTransaction(postings=postings),
-                       idempotency_key=f"k{draw(st.integers(0, 2))}", received_at=NOW)
+    elif kind in (6, 7, 8, 9):  # an idempotency key, reused now and then, with the same input or not
+        return Request(request_id, ledger, CreateTransaction(postings=postings, **fields),
+                       idempotency_key=draw(st.sampled_from(["k0", "k1", "k<&>\u2028\"é"])) + str(number % 7),
+                       idempotency_hash=draw(st.sampled_from(["", "h1", "h\"2\\"])), received_at=NOW)
     command = CreateTransaction(postings=postings, force=draw(st.booleans()), **fields)
     return Request(request_id, ledger, command, received_at=NOW)
 
