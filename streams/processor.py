@@ -281,6 +281,10 @@ class PartitionProcessor:
              recovery replays the missing entries from the recorded position).
         A request redelivered anyway (its offset commit lost in a rebalance, or produced
         twice) is recognised by its request id and answered with its first outcome.
+
+        A round whose records were all decoded as simple transfers goes to the native
+        engine, which applies all of it (same outcomes, same store bytes) or none of it;
+        none, and anything else, is applied here.
         """
         path = "python"
         if self.engine is not None and all(type(items) is _Batch for _offset, items in records):
