@@ -136,6 +136,18 @@ def dev(kafka_port: int) -> None:
     from streams.topics import ensure_topics
 
     _logging("info")
+    settings = Settings()
+    # Checked first: a second `make dev` would otherwise find the first one's broker and
+    # gateway answering, and report itself up while its own processes fail to bind.
+    ports = [(settings.worker_host, settings.worker_port, "the worker's, STREAMLEDGER_WORKER_PORT"),
+             (settings.gateway_host, settings.gateway_port, "the gateway's, STREAMLEDGER_GATEWAY_PORT")]
+    if "KAFKA_BOOTSTRAP_SERVERS" not in os.environ:
+        ports.insert(0, ("127.0.0.1", kafka_port, "Kafka's, --kafka-port"))
+    taken = [f"{port} ({what})" for host, port, what in ports if not _port_free(host, port)]
+    if taken:
+        raise click.ClickException(
+            f"port {', '.join(taken)} already in use: is another `make dev` running? "
+            "Stop it, or choose other ports.")
     kafka = None
     env = dict(os.environ)
     if "KAFKA_BOOTSTRAP_SERVERS" not in os.environ:
@@ -183,6 +195,19 @@ def dev(kafka_port: int) -> None:
                 child.kill()
         if kafka is not None:
             kafka.stop()
+
+
+def _port_free(host: str, port: int) -> bool:
+    import socket
+
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
+        # As servers bind: a port left in TIME_WAIT by a stopped run is free, a listener not.
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            probe.bind((host, port))
+        except OSError:
+            return False
+    return True
 
 
 def _wait_for_topics(settings, timeout: float = 180.0) -> None:

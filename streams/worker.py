@@ -24,7 +24,7 @@ from faust.types import TP
 from streams import metrics
 from streams.logs import exit_process
 from streams.processor import (
-    Applied, BatchResult, PartitionProcessor, log_watermarks, streamledger_native, watermark_probe, weight,
+    Applied, BatchResult, PartitionProcessor, log_native_status, log_watermarks, watermark_probe, weight,
 )
 from streams.settings import Settings
 from streams.topics import REQUESTS
@@ -498,11 +498,6 @@ def _take(fetcher: RequestFetcher, max_records: int, linger: float) -> dict[int,
 
 def create_app(settings: Settings | None = None) -> faust.App:
     settings = settings or Settings()
-    if streamledger_native is None:
-        log.warning("the native fast path is not installed (native/, `make install` builds it): "
-                    "every request takes the Python path, at ~4x the CPU")
-    else:
-        log.info("native fast path for simple transfers: %s", "on" if settings.native else "off (STREAMLEDGER_NATIVE)")
     (settings.data_dir / "faust").mkdir(parents=True, exist_ok=True)  # faust's mkdir has no parents=True
     app = faust.App(
         settings.app_id,
@@ -606,6 +601,7 @@ def create_app(settings: Settings | None = None) -> faust.App:
 
     @app.task
     async def rounds() -> None:
+        log_native_status(settings)  # here: faust's logging is set up once its tasks run
         loop = asyncio.get_running_loop()
         linger = settings.batch_linger_ms / 1000
         while True:
