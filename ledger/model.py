@@ -14,9 +14,11 @@ from functools import lru_cache
 from ledger import limits
 from ledger.errors import ValidationError
 
-ADDRESS_PATTERN = re.compile(r"^[a-zA-Z0-9_-]+(:[a-zA-Z0-9_-]+)*$")
-ASSET_PATTERN = re.compile(r"^[A-Z][A-Z0-9]{0,16}(_[A-Z]{1,16})?(/\d{1,6})?$")
-LEDGER_NAME_PATTERN = re.compile(r"^[0-9a-zA-Z_-]{1,63}$")
+# Matched whole (`fullmatch`): `$` would also accept a trailing newline. ASCII digits only,
+# as Go's `\d` (Python's takes any script's digits).
+ADDRESS_PATTERN = re.compile(r"[a-zA-Z0-9_-]+(:[a-zA-Z0-9_-]+)*")
+ASSET_PATTERN = re.compile(r"[A-Z][A-Z0-9]{0,16}(_[A-Z]{1,16})?(/[0-9]{1,6})?")
+LEDGER_NAME_PATTERN = re.compile(r"[0-9a-zA-Z_-]{1,63}")
 LEDGER_NAMES_RESERVED = frozenset({"_", "_info", "_healthcheck"})
 WORLD = "world"
 
@@ -46,12 +48,12 @@ def validate_address(address: object, what: str = "address") -> str:
 @lru_cache(maxsize=65_536)
 def _is_address(address: str) -> bool:
     # Addresses repeat across requests: remember the verdict of the last few thousand.
-    return len(address) <= limits.address_bytes_max and ADDRESS_PATTERN.match(address) is not None
+    return len(address) <= limits.address_bytes_max and ADDRESS_PATTERN.fullmatch(address) is not None
 
 
 @lru_cache(maxsize=4096)
 def _is_asset(asset: str) -> bool:
-    return ASSET_PATTERN.match(asset) is not None
+    return ASSET_PATTERN.fullmatch(asset) is not None
 
 
 def validate_asset(asset: object) -> str:
@@ -74,7 +76,7 @@ def validate_amount(amount: object) -> int:
 
 
 def validate_ledger_name(name: object) -> str:
-    if not isinstance(name, str) or LEDGER_NAME_PATTERN.match(name) is None or (
+    if not isinstance(name, str) or LEDGER_NAME_PATTERN.fullmatch(name) is None or (
         name in LEDGER_NAMES_RESERVED
     ):
         raise ValidationError(

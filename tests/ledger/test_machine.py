@@ -7,6 +7,7 @@ import pytest
 from ledger.commands import CreateLedger, Request, create_transaction_from_json
 from ledger.errors import NoPostings, ValidationError
 from ledger.machine import Committed, Rejected, Replayed, execute
+from ledger.model import validate_address, validate_asset, validate_ledger_name
 from ledger.state import HEAD, MemoryStore, Overlay
 from tests.ledger.helpers import Ledger, posting
 
@@ -157,6 +158,16 @@ def test_rejects_malformed_transaction_bodies(body, error):
 @pytest.mark.parametrize("asset", ["USD", "USD/2", "EUR_STRIPE/2", "A1234567890123456", "COIN/123456"])
 def test_accepts_formance_assets(asset):
     create_transaction_from_json({"postings": [posting("world", "a", 1, asset)]})
+
+
+@pytest.mark.parametrize("validate, text", [
+    (validate_address, "bank\n"), (validate_address, "bank:\n"), (validate_asset, "USD\n"),
+    (validate_asset, "USD/\u0663"),  # an Arabic-Indic digit: Go's \d is ASCII only
+    (validate_ledger_name, "main\n"),
+])
+def test_names_are_matched_whole_and_in_ascii(validate, text):
+    with pytest.raises(ValidationError):
+        validate(text)
 
 
 def test_amounts_of_any_size_are_exact():
