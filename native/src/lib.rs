@@ -839,9 +839,9 @@ impl Work<'_> {
                 if p.source != WORLD && available < p.amount {
                     return Ok(self.insufficient(t, p, available.max(0), now));
                 }
-                balances[source].1 -= p.amount;
+                balances[source].1 = balances[source].1.checked_sub(p.amount).ok_or(Fallback)?;
                 let destination = balances.iter().position(|(k, _)| *k == (p.destination.as_str(), p.asset.as_str())).unwrap();
-                balances[destination].1 += p.amount;
+                balances[destination].1 = balances[destination].1.checked_add(p.amount).ok_or(Fallback)?;
             }
         }
         let head_key = key(&[b"H", ledger]);
