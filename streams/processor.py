@@ -82,13 +82,11 @@ class BatchResult:
 @dataclass
 class Applied:
     """One partition's share of a round: its state changes (an overlay of the Python path,
-    or a round of the native one), what to publish, and the offset of ledger.requests they
-    take the partition to."""
+    or a round of the native one) and what to publish."""
 
     partition: int
     overlay: "Overlay | streamledger_native.Round"
     emissions: list[Emission]
-    next_offset: int
     result: BatchResult
 
 
@@ -292,7 +290,7 @@ class PartitionProcessor:
             if round_ is not None:
                 metrics.partition_rounds.labels("native").inc()
                 result = BatchResult(round_.committed, round_.rejected, 0, round_.per_ledger)
-                return Applied(self.partition, round_, round_.emissions, records[-1][0] + 1, result)
+                return Applied(self.partition, round_, round_.emissions, result)
             path = "fallback"
         metrics.partition_rounds.labels(path).inc()
         if self.engine is not None:  # some or all of it takes the Python path
@@ -309,7 +307,7 @@ class PartitionProcessor:
                 else:
                     outcome = execute(overlay, request_or_rejection, now, flags)
                 emissions.append(self._emission(overlay, outcome, result))
-        return Applied(self.partition, overlay, emissions, records[-1][0] + 1, result)
+        return Applied(self.partition, overlay, emissions, result)
 
     def commit(self, applied: Applied, written: dict[tuple[str, int], int]) -> None:
         """Write a round's overlay once its transaction committed, with the positions of

@@ -170,9 +170,9 @@ class PartitionStore:
         self._cache: dict[tuple, object] = {}
         self._cache_entries_max = cache_entries_max
         # Counts commits. Queries read from the event loop's thread while a round commits
-        # in another: a value read before a commit's write must not enter the cache after
-        # the commit updated it (it would stay stale), so `get` caches only if no commit
-        # wrote since it started reading. A commit writes, counts, then updates the cache.
+        # in another: a value read before a commit's write must not stay in the cache after
+        # the commit updated it, so `get` drops what it cached if a commit wrote since it
+        # started reading. A commit writes, counts, then updates the cache.
         self._commits = 0
 
     def get(self, key: tuple) -> object | None:
@@ -183,7 +183,7 @@ class PartitionStore:
         commits = self._commits
         raw = self._db.get(encode_key(key))
         value = None if raw is None else decode_value(key[0], raw)
-        if value is not None and key[0] in _CACHED_KINDS and commits == self._commits:
+        if value is not None and key[0] in _CACHED_KINDS:
             if len(cache) >= self._cache_entries_max:
                 cache.clear()
             cache[key] = value

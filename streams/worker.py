@@ -378,9 +378,11 @@ class Worker:
                 return {}
             if metadata is None:
                 return None
+            offsets = {p: records[-1][0] + 1 for p, records in round_.items()}
             try:
                 with metrics.batch_seconds.time():
-                    result = await self._run(self._apply_round, [(processors[p], round_[p]) for p in round_], now, metadata)
+                    result = await self._run(
+                        self._apply_round, [(processors[p], round_[p]) for p in round_], offsets, now, metadata)
                 break
             except GroupMoved as error:
                 log.warning("the consumer group moved on (%s): the round was aborted; its requests "
@@ -397,9 +399,11 @@ class Worker:
                 metrics.applied.labels(ledger).inc(applied)
             if rejected:
                 metrics.rejected.labels(ledger).inc(rejected)
-        return {p: records[-1][0] + 1 for p, records in round_.items()}
+        return offsets
 
-    def _apply_round(self, work: list[tuple[PartitionProcessor, list]], now: int, metadata: bytes) -> BatchResult:
+    def _apply_round(self, work: list[tuple[PartitionProcessor, list]], offsets: dict[int, int], now: int,
+                     metadata: bytes) -> BatchResult:
+        """Apply `work` and commit it with the requests' `offsets` ({partition: next offset})."""
         epoch = self.writer.ensure()
         for processor, _records in work:
             if processor.epoch != epoch:  # a new writer: what the old one left is in the log
@@ -418,8 +422,7 @@ class Worker:
                 applying += time.perf_counter() - began
                 yield applied[-1].emissions
 
-        written = self.writer.commit(
-            outcomes(), {processor.partition: records[-1][0] + 1 for processor, records in work}, metadata)
+        written = self.writer.commit(outcomes(), offsets, metadata)
         committed_at = time.perf_counter()
         metrics.apply_seconds.observe(applying)
         metrics.commit_seconds.observe(committed_at - started - applying)
