@@ -3,15 +3,16 @@
 //!
 //! A *simple transfer* is a `CreateTransaction` with postings, and maybe transaction
 //! metadata, a reference and an idempotency key: no script, account metadata, explicit
-//! timestamp or dry run, every field valid, amounts that fit in 38 digits. `Engine.decode` reads a `RequestBatch` record and keeps it only
-//! when every request in it is one; `Engine.apply` applies a partition's round of such
-//! records against the store, or answers `None` when anything in it needs the general path
-//! (a redelivered request id, an unknown ledger, a back-dated ledger, a volume beyond 127
-//! bits, ...): the caller then applies the same round in Python. Nothing is half done: a
-//! round is applied here whole or not at all.
+//! timestamp or dry run, every field valid, amounts that fit in 38 digits. `Engine.decode`
+//! reads a `RequestBatch` record and keeps it only when every request in it is one;
+//! `Engine.apply` applies a partition's round of such records against the store, or answers
+//! `None` when anything in it needs the general path (a redelivered request id or
+//! idempotency key, an unknown ledger, a back-dated ledger, a volume of 2^126 or more, ...):
+//! the caller then applies the same round in Python. Nothing is half done: a round is
+//! applied here whole or not at all.
 //!
 //! Everything this writes — the log entry's Avro, its Formance hash, the rejection, every
-//! store key and value — must equal what the Python path writes; `tests/test_native.py`
+//! store key and value — must equal what the Python path writes; `tests/streams/test_native.py`
 //! runs both on the same requests and compares the bytes. The Python path stays the
 //! definition: change it first, then this, never this alone.
 
@@ -46,20 +47,25 @@ const MICROS_MAX: i64 = 253_402_300_799_999_999;
 #[derive(Default, Clone, Copy)]
 struct Fx(u64);
 
+impl Fx {
+    fn add(&mut self, word: u64) {
+        self.0 = (self.0.rotate_left(5) ^ word).wrapping_mul(0x517c_c1b7_2722_0a95);
+    }
+}
+
 impl Hasher for Fx {
     fn write(&mut self, bytes: &[u8]) {
-        const K: u64 = 0x517c_c1b7_2722_0a95;
         let mut chunks = bytes.chunks_exact(8);
         for chunk in &mut chunks {
-            self.0 = (self.0.rotate_left(5) ^ u64::from_le_bytes(chunk.try_into().unwrap())).wrapping_mul(K);
+            self.add(u64::from_le_bytes(chunk.try_into().unwrap()));
         }
         for &byte in chunks.remainder() {
-            self.0 = (self.0.rotate_left(5) ^ byte as u64).wrapping_mul(K);
+            self.add(byte as u64);
         }
     }
 
     fn write_usize(&mut self, n: usize) {
-        self.0 = (self.0.rotate_left(5) ^ n as u64).wrapping_mul(0x517c_c1b7_2722_0a95);
+        self.add(n as u64);
     }
 
     fn finish(&self) -> u64 {
@@ -176,53 +182,43 @@ fn is_segment_byte(byte: u8) -> bool {
     byte.is_ascii_alphanumeric() || byte == b'_' || byte == b'-'
 }
 
-/// `^[a-zA-Z0-9_-]+(:[a-zA-Z0-9_-]+)*$`, at most 1024 bytes.
+/// `ledger.model.ADDRESS_PATTERN`, matched whole: `[a-zA-Z0-9_-]+(:[a-zA-Z0-9_-]+)*`, at most
+/// 1024 bytes.
 fn valid_address(text: &str) -> bool {
     text.len() <= ADDRESS_BYTES_MAX && !text.is_empty() && text.split(':').all(|segment| {
         !segment.is_empty() && segment.bytes().all(is_segment_byte)
     })
 }
 
-/// `^[A-Z][A-Z0-9]{0,16}(_[A-Z]{1,16})?(/\d{1,6})?$` (ASCII digits only: the Python
-/// pattern's `\d` also takes other scripts' digits, which the Python path then handles).
+/// `ledger.model.ASSET_PATTERN`, matched whole: `[A-Z][A-Z0-9]{0,16}(_[A-Z]{1,16})?(/[0-9]{1,6})?`.
 fn valid_asset(text: &str) -> bool {
+    // How many bytes from `at` on are `accepted`.
+    fn span(bytes: &[u8], at: usize, accepted: fn(&u8) -> bool) -> usize {
+        bytes[at..].iter().take_while(|b| accepted(b)).count()
+    }
     let bytes = text.as_bytes();
-    let mut at = 0;
-    if !bytes.first().is_some_and(|b| b.is_ascii_uppercase()) {
+    if !bytes.first().is_some_and(u8::is_ascii_uppercase) {
         return false;
     }
-    at += 1;
-    let start = at;
-    while at < bytes.len() && (bytes[at].is_ascii_uppercase() || bytes[at].is_ascii_digit()) {
-        at += 1;
-    }
-    if at - start > 16 {
+    let mut at = 1;
+    let name = span(bytes, at, |b| b.is_ascii_uppercase() || b.is_ascii_digit());
+    if name > 16 {
         return false;
     }
-    if at < bytes.len() && bytes[at] == b'_' {
-        at += 1;
-        let start = at;
-        while at < bytes.len() && bytes[at].is_ascii_uppercase() {
-            at += 1;
-        }
-        if !(1..=16).contains(&(at - start)) {
-            return false;
-        }
-    }
-    if at < bytes.len() && bytes[at] == b'/' {
-        at += 1;
-        let start = at;
-        while at < bytes.len() && bytes[at].is_ascii_digit() {
-            at += 1;
-        }
-        if !(1..=6).contains(&(at - start)) {
-            return false;
+    at += name;
+    for (separator, accepted, most) in [(b'_', u8::is_ascii_uppercase as fn(&u8) -> bool, 16), (b'/', u8::is_ascii_digit, 6)] {
+        if bytes.get(at) == Some(&separator) {
+            let run = span(bytes, at + 1, accepted);
+            if !(1..=most).contains(&run) {
+                return false;
+            }
+            at += 1 + run;
         }
     }
     at == bytes.len()
 }
 
-/// `^[0-9a-zA-Z_-]{1,63}$`, not reserved.
+/// `ledger.model.LEDGER_NAME_PATTERN`, matched whole: `[0-9a-zA-Z_-]{1,63}`, not reserved.
 fn valid_ledger(text: &str) -> bool {
     (1..=63).contains(&text.len())
         && text.bytes().all(is_segment_byte)
@@ -865,7 +861,8 @@ impl Work<'_> {
                     }
                 };
                 let asset = p.asset.as_str();
-                let (input, output) = match post[slot].1.iter().position(|(a, _, _)| *a == asset) {
+                let held = post[slot].1.iter().position(|(a, _, _)| *a == asset);
+                let (input, output) = match held {
                     Some(i) => (post[slot].1[i].1, post[slot].1[i].2),
                     None => self.volumes(&volume_key(account, asset))?,
                 };
@@ -877,7 +874,7 @@ impl Work<'_> {
                 if updated.0 >= i128::MAX / 2 || updated.1 >= i128::MAX / 2 {
                     return Err(Fallback);
                 }
-                match post[slot].1.iter().position(|(a, _, _)| *a == asset) {
+                match held {
                     Some(i) => post[slot].1[i] = (asset, updated.0, updated.1),
                     None => post[slot].1.push((asset, updated.0, updated.1)),
                 }
@@ -977,9 +974,7 @@ impl Work<'_> {
             for (asset, input, output) in by_asset {
                 self.set(volume_key(account, asset), Value::Volumes(*input, *output));
                 if effective_volumes {
-                    let mut effective_key = key(&[b"E", ledger, account.as_bytes(), asset.as_bytes()]);
-                    effective_key.push(0);
-                    effective_key.extend_from_slice(&the_moment);
+                    let effective_key = key(&[b"E", ledger, account.as_bytes(), asset.as_bytes(), &the_moment]);
                     self.writes.push((effective_key, format!("{input},{output}").into_bytes()));
                 }
             }
@@ -1008,10 +1003,7 @@ impl Work<'_> {
         stored.push(b',');
         push_volumes(&mut stored, &post, false);
         stored.push(b']');
-        let mut transaction_key = key(&[b"T", ledger]);
-        transaction_key.push(0);
-        transaction_key.extend_from_slice(&(transaction_id as u64).to_be_bytes());
-        self.writes.push((transaction_key, stored));
+        self.writes.push((key(&[b"T", ledger, &(transaction_id as u64).to_be_bytes()]), stored));
         if let Some(reference) = &t.reference {
             let reference_key = key(&[b"R", ledger, reference.as_bytes()]);
             self.writes.push((reference_key.clone(), transaction_id.to_string().into_bytes()));
@@ -1043,21 +1035,7 @@ impl Work<'_> {
         entry.push(b',');
         push_quoted(&mut entry, request_id);
         entry.push(b']');
-        let mut log_key = key(&[b"G", ledger]);
-        log_key.push(0);
-        log_key.extend_from_slice(&(log_id as u64).to_be_bytes());
-        self.writes.push((log_key, entry));
-
-        // What ledger.committed carries (`codecs.encode_log_entry`).
-        let mut value = Vec::with_capacity(data.len() + 128);
-        value.extend_from_slice(self.log_header);
-        push_avro_bytes(&mut value, ledger);
-        push_long(&mut value, log_id);
-        push_avro_bytes(&mut value, b"NEW_TRANSACTION");
-        push_avro_bytes(&mut value, &data);
-        push_long(&mut value, date);
-        push_avro_bytes(&mut value, idempotency_key.as_bytes());
-        push_avro_bytes(&mut value, idempotency_hash.as_bytes());
+        self.writes.push((key(&[b"G", ledger, &(log_id as u64).to_be_bytes()]), entry));
         if !idempotency_key.is_empty() {
             // `IdempotencyRecord(input_hash, request_id)`; a refusal records none.
             let idempotency = key(&[b"I", ledger, idempotency_key.as_bytes()]);
@@ -1070,6 +1048,17 @@ impl Work<'_> {
             self.writes.push((idempotency.clone(), record));
             self.answered.insert(idempotency);
         }
+
+        // What ledger.committed carries (`codecs.encode_log_entry`).
+        let mut value = Vec::with_capacity(data.len() + 128);
+        value.extend_from_slice(self.log_header);
+        push_avro_bytes(&mut value, ledger);
+        push_long(&mut value, log_id);
+        push_avro_bytes(&mut value, b"NEW_TRANSACTION");
+        push_avro_bytes(&mut value, &data);
+        push_long(&mut value, date);
+        push_avro_bytes(&mut value, idempotency_key.as_bytes());
+        push_avro_bytes(&mut value, idempotency_hash.as_bytes());
         push_avro_bytes(&mut value, &hash);
         push_avro_bytes(&mut value, request_id.as_bytes());
         Ok(Outcome::Committed { ledger: t.ledger.clone(), request_id: t.request_id.clone(), value })

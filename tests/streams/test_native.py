@@ -18,7 +18,8 @@ import pytest
 from hypothesis import HealthCheck, given, settings as hsettings, strategies as st
 
 from ledger.commands import CreateLedger, CreateTransaction, Request, RevertTransaction, SaveMetadata, Script
-from ledger.model import Posting
+from ledger.errors import ValidationError
+from ledger.model import Posting, validate_address, validate_asset
 from ledger.timeutil import format_rfc3339
 from streams import codecs
 from streams.processor import PartitionProcessor, native_engine, streamledger_native
@@ -110,6 +111,24 @@ def test_everything_else_takes_the_python_path(request_):
     assert engine.decode(b"main", _record(request_)) is None
     # ... and so does a whole record that holds one such request.
     assert engine.decode(b"main", _record(_transfer("r0"), request_)) is None
+
+
+@given(st.text(st.sampled_from("AZQ09_/a:-"), max_size=28))
+def test_names_the_native_path_takes_are_the_ones_python_accepts(text):
+    """Its hand-written asset and address matchers against ledger.model's patterns."""
+    engine = _engine(_ledger_partition("main"))
+    as_asset = engine.decode(b"main", _record(_transfer(postings=(("world", "a", 1, text),)))) is not None
+    as_address = engine.decode(b"main", _record(_transfer(postings=(("world", text, 1, "USD"),)))) is not None
+    assert as_asset == _accepts(validate_asset, text)
+    assert as_address == _accepts(validate_address, text)
+
+
+def _accepts(validate, text) -> bool:
+    try:
+        validate(text)
+    except ValidationError:
+        return False
+    return True
 
 
 def test_records_that_are_not_ours_take_the_python_path():
