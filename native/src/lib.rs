@@ -804,7 +804,9 @@ impl Work<'_> {
     fn transfer(&mut self, t: &Transfer, now: i64) -> Result<Outcome, Fallback> {
         let ledger = t.ledger.as_bytes();
         // A request id already answered is replayed by the Python path.
-        if !self.seen.insert(t.request_id.clone()) || self.answered.contains(&key(&[b"Q", t.request_id.as_bytes()])[..]) {
+        if !self.seen.insert(t.request_id.clone())
+            || (!self.answered.is_empty() && self.answered.contains(&key(&[b"Q", t.request_id.as_bytes()])[..]))
+        {
             return Err(Fallback);
         }
         // An idempotency key used before (in the store or this round) is a replay, or a
@@ -1203,8 +1205,9 @@ impl Engine {
         }
         // Every key the round may read and the cache lacks, fetched at once; what the
         // store holds (or lacks) goes into the cache as it is.
-        let mut wanted: Vec<Vec<u8>> = Vec::new();
-        let mut asked: FxSet<Vec<u8>> = FxSet::default();
+        let transfers: usize = batches.iter().map(|b| b.transfers.len()).sum();
+        let mut wanted: Vec<Vec<u8>> = Vec::with_capacity(2 * transfers);
+        let mut asked: FxSet<Vec<u8>> = FxSet::with_capacity_and_hasher(4 * transfers, Default::default());
         for batch in &batches {
             for t in &batch.transfers {
                 let ledger = t.ledger.as_bytes();
@@ -1255,7 +1258,7 @@ impl Engine {
         self.rounds += 1;
         let mut work = Work {
             cache: &mut self.cache, number: self.rounds, undo: Vec::new(), answered, references,
-            seen: FxSet::default(), writes: Vec::with_capacity(8 * asked.len()),
+            seen: FxSet::with_capacity_and_hasher(transfers, Default::default()), writes: Vec::with_capacity(8 * asked.len()),
             log_header: &self.log_header, rejection_header: &self.rejection_header,
         };
         let mut outcomes = Vec::new();
