@@ -47,6 +47,7 @@ def create_app(settings: Settings | None = None) -> web.Application:
         ("GET", "/", list_ledgers),
         ("POST", "/{ledger}", create_ledger),
         ("GET", "/{ledger}", get_ledger),
+        ("GET", "/{ledger}/_info", get_ledger_info),
         ("POST", "/{ledger}/transactions", create_transaction),
         ("GET", "/{ledger}/transactions", list_transactions),
         ("GET", "/{ledger}/transactions/{id}", get_transaction),
@@ -236,6 +237,13 @@ async def create_ledger(request: web.Request) -> web.Response:
 async def get_ledger(request: web.Request) -> web.Response:
     ledger = _ledger_name(request)
     return web.json_response(await _forward(request, f"/ledger/{ledger}"))
+
+
+async def get_ledger_info(request: web.Request) -> web.Response:
+    """Formance lists its SQL migrations here; a store rebuilt from the log has none."""
+    ledger = _ledger_name(request)
+    await _forward(request, f"/ledger/{ledger}")  # LEDGER_NOT_FOUND for a ledger never created
+    return web.json_response({"data": {"name": ledger, "storage": {"migrations": []}}})
 
 
 async def create_transaction(request: web.Request) -> web.Response:

@@ -1,7 +1,7 @@
 """One table from error codes to HTTP statuses, and the middleware that applies it.
 
 Every error body is Formance's `{"errorCode", "errorMessage"}` (+ `details` when there
-are any). A client mistake is never a 500; an unexpected failure is a 500 with a generic
+are any, a string of JSON as Formance's schema has it). A client mistake is never a 500; an unexpected failure is a 500 with a generic
 message and a logged id the operator can search for.
 """
 
@@ -41,7 +41,10 @@ STATUS_BY_CODE = {
 def error_response(code: str, message: str, details: dict | None = None, status: int | None = None) -> web.Response:
     body: dict = {"errorCode": code, "errorMessage": message}
     if details:
-        body["details"] = details
+        # Formance's `details` is a string (V2ErrorResponse in its OpenAPI): generated
+        # clients (formance-sdk-python) refuse an object there, and so lose the error code.
+        # The structured details travel as compact JSON text (amounts stay exact integers).
+        body["details"] = json.dumps(details, separators=(",", ":"), ensure_ascii=False)
     return web.json_response(body, status=status or STATUS_BY_CODE.get(code, 400))
 
 
