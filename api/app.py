@@ -221,8 +221,17 @@ async def list_ledgers(request: web.Request) -> web.Response:
             continue
     if not reached:
         raise ApiError("UNAVAILABLE", "no worker reachable to list ledgers", status=503)
-    data = [rows[name] for name in sorted(rows)]
-    return web.json_response({"cursor": {"pageSize": len(data), "hasMore": False, "data": data}})
+    page_size = _page_size(request)
+    cursor = request.query.get("cursor")
+    names = sorted(rows)
+    if cursor:  # by name, so ledgers created meanwhile neither repeat nor shift a page
+        after = _decode_cursor(cursor, str)
+        names = [name for name in names if name > after]
+    data = [rows[name] for name in names[:page_size]]
+    page: dict = {"pageSize": page_size, "hasMore": len(names) > page_size, "data": data}
+    if page["hasMore"]:
+        page["next"] = _encode_cursor(data[-1]["name"])
+    return web.json_response({"cursor": page})
 
 
 async def create_ledger(request: web.Request) -> web.Response:
@@ -350,16 +359,21 @@ def _page_size(request: web.Request) -> int:
     return int(raw)
 
 
-def _encode_cursor(after_id: int) -> str:
-    return base64.urlsafe_b64encode(json.dumps({"after": after_id}).encode()).decode().rstrip("=")
+def _encode_cursor(after: int | str) -> str:
+    return base64.urlsafe_b64encode(json.dumps({"after": after}).encode()).decode().rstrip("=")
 
 
-def _decode_cursor(cursor: str) -> int:
+def _decode_cursor(cursor: str, kind: type = int) -> int | str:
+    """The position a cursor continues after: an id (`int`) or a ledger name (`str`)."""
     try:
-        raw = json.loads(base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4)))
-        return int(raw["after"])
+        after = json.loads(base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4)))["after"]
+        if kind is int:
+            return int(after)
+        if isinstance(after, str):
+            return after
     except (ValueError, KeyError, TypeError):
-        raise ApiError("VALIDATION", "invalid cursor") from None
+        pass
+    raise ApiError("VALIDATION", "invalid cursor")
 
 
 async def get_account(request: web.Request) -> web.Response:

@@ -74,7 +74,7 @@ def test_creating_an_existing_ledger_is_refused(stack, ledger):
 def test_ledger_info_and_listing(stack, ledger):
     info = http("GET", f"{stack.url}/v2/{ledger}")
     assert info.status == 200 and info.body["data"]["name"] == ledger
-    names = [row["name"] for row in http("GET", f"{stack.url}/v2").body["cursor"]["data"]]
+    names = [row["name"] for row in http("GET", f"{stack.url}/v2?pageSize=1000").body["cursor"]["data"]]
     assert ledger in names
 
 
@@ -141,3 +141,24 @@ def test_transactions_and_logs_page_with_cursors(stack, ledger):
     bad = http("GET", f"{stack.url}/v2/{ledger}/transactions?cursor=%%%")
     assert bad.status == 400 and bad.body["errorCode"] == "VALIDATION"
     assert http("GET", f"{stack.url}/v2/{ledger}/transactions?pageSize=5000").status == 400
+
+
+def test_ledgers_are_listed_in_pages(stack):
+    prefix = f"page-{uuid.uuid4().hex[:6]}"
+    for i in range(3):
+        stack.create_ledger(f"{prefix}-{i}")
+    seen, cursor, pages = [], None, 0
+    while True:
+        url = f"{stack.url}/v2?pageSize=2" + (f"&cursor={cursor}" if cursor else "")
+        page = http("GET", url).body["cursor"]
+        assert page["pageSize"] == 2 and len(page["data"]) <= 2
+        seen += [row["name"] for row in page["data"]]
+        pages += 1
+        if not page["hasMore"]:
+            assert "next" not in page
+            break
+        cursor = page["next"]
+    assert seen == sorted(set(seen)) and pages == (len(seen) + 1) // 2
+    assert [f"{prefix}-{i}" for i in range(3)] == [name for name in seen if name.startswith(prefix)]
+    assert http("GET", f"{stack.url}/v2?pageSize=0").body["errorCode"] == "VALIDATION"
+    assert http("GET", f"{stack.url}/v2?cursor=not-a-cursor").status == 400

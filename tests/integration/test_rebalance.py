@@ -115,7 +115,7 @@ def test_workers_joining_and_leaving_move_partitions_without_loss_or_duplication
             # Reads follow the ledger to its new owner.
             account = http("GET", f"{stack.url}/v2/{name}/accounts/world").body["data"]
             assert account["balances"] == {"USD": -15}
-        listed = {row["name"] for row in http("GET", f"{stack.url}/v2").body["cursor"]["data"]}
+        listed = {row["name"] for row in http("GET", f"{stack.url}/v2?pageSize=1000").body["cursor"]["data"]}
         assert names <= listed
     finally:
         stack.stop()
