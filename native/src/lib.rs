@@ -664,11 +664,13 @@ impl Head {
     }
 }
 
-/// Decoded values of the hot kinds (what the store holds, or Absent).
-#[derive(Clone, Copy)]
+/// Decoded values of the hot kinds (what the store holds, or Absent). A head is boxed:
+/// there is one per ledger, while the cache holds up to `cache_max` volumes and accounts,
+/// each entry as large as the largest variant (48 bytes instead of 96).
+#[derive(Clone)]
 enum Value {
     Ledger { effective_volumes: bool },
-    Head(Head),
+    Head(Box<Head>),
     Volumes(i128, i128),
     Account { first_usage: i64 },
     Absent,
@@ -698,7 +700,7 @@ fn parse_account(raw: &[u8]) -> Option<Value> {
 fn parse_stored(key: &[u8], raw: &[u8]) -> Option<Value> {
     match key.first()? {
         b'L' => parse_ledger(raw),
-        b'H' => Head::parse(raw).map(Value::Head),
+        b'H' => Head::parse(raw).map(|head| Value::Head(Box::new(head))),
         b'V' => parse_volumes(raw).map(|(input, output)| Value::Volumes(input, output)),
         b'A' => parse_account(raw),
         _ => None,
@@ -764,19 +766,20 @@ struct Work<'e> {
 }
 
 impl Work<'_> {
-    fn value(&self, key: &[u8]) -> Result<Value, Fallback> {
+    fn value(&self, key: &[u8]) -> Result<&Value, Fallback> {
         // Every key a round reads was fetched into the cache before it started.
-        self.cache.get(key).map(|(value, _)| *value).ok_or(Fallback)
+        self.cache.get(key).map(|(value, _)| value).ok_or(Fallback)
     }
 
     fn set(&mut self, key: Vec<u8>, value: Value) {
         use std::collections::hash_map::Entry;
         match self.cache.entry(key) {
             Entry::Occupied(mut slot) => {
-                if slot.get().1 != self.number {
-                    self.undo.push((slot.key().clone(), Some(*slot.get())));
+                let first_change = slot.get().1 != self.number;
+                let previous = slot.insert((value, self.number));
+                if first_change {
+                    self.undo.push((slot.key().clone(), Some(previous)));
                 }
-                slot.insert((value, self.number));
             }
             Entry::Vacant(slot) => {
                 self.undo.push((slot.key().clone(), None));
@@ -787,7 +790,7 @@ impl Work<'_> {
 
     fn volumes(&self, key: &[u8]) -> Result<(i128, i128), Fallback> {
         match self.value(key)? {
-            Value::Volumes(input, output) => Ok((input, output)),
+            Value::Volumes(input, output) => Ok((*input, *output)),
             Value::Absent => Ok((0, 0)),
             _ => Err(Fallback),
         }
@@ -795,7 +798,7 @@ impl Work<'_> {
 
     fn head(&self, key: &[u8]) -> Result<Head, Fallback> {
         match self.value(key)? {
-            Value::Head(head) => Ok(head),
+            Value::Head(head) => Ok(**head),
             Value::Absent => Ok(Head::NONE),
             _ => Err(Fallback),
         }
@@ -817,7 +820,7 @@ impl Work<'_> {
             }
         }
         let effective_volumes = match self.value(&key(&[b"L", ledger]))? {
-            Value::Ledger { effective_volumes } => effective_volumes,
+            Value::Ledger { effective_volumes } => *effective_volumes,
             _ => return Err(Fallback), // LEDGER_NOT_FOUND: the Python path rejects it
         };
         if let Some(reference) = &t.reference {
@@ -894,7 +897,7 @@ impl Work<'_> {
             let account_key = key(&[b"A", ledger, account.as_bytes()]);
             match self.value(&account_key)? {
                 Value::Absent => new_accounts.push(account_key),
-                Value::Account { first_usage } if first_usage <= timestamp => {}
+                Value::Account { first_usage } if *first_usage <= timestamp => {}
                 _ => return Err(Fallback),
             }
         }
@@ -1016,13 +1019,13 @@ impl Work<'_> {
             self.writes.push((reference_key.clone(), transaction_id.to_string().into_bytes()));
             self.references.insert(reference_key);
         }
-        self.set(head_key, Value::Head(Head {
+        self.set(head_key, Value::Head(Box::new(Head {
             last_log_id: log_id,
             last_hash: Some(hash),
             last_transaction_id: transaction_id,
             last_date: date.max(head.last_date),
             max_timestamp: Some(head.max_timestamp.map_or(timestamp, |latest| latest.max(timestamp))),
-        }));
+        })));
         let mut entry = Vec::with_capacity(data.len() + 128);
         entry.push(b'[');
         push_quoted(&mut entry, &t.ledger);
@@ -1278,7 +1281,7 @@ impl Engine {
         let Work { mut writes, undo, .. } = work;
         // The hot values the round changed, as they stand after it.
         for (k, _) in &undo {
-            match self.cache[k].0 {
+            match &self.cache[k].0 {
                 Value::Volumes(input, output) => writes.push((k.clone(), format!("{input},{output}").into_bytes())),
                 Value::Head(head) => writes.push((k.clone(), head.encode())),
                 Value::Account { first_usage } => {
