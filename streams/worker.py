@@ -41,6 +41,20 @@ class NotOwned(Exception):
     """The consumer group does not (or no longer) assign this partition to this worker."""
 
 
+class _Backoff:
+    """Waits between retries of a step that failed with a transient Kafka error: doubling
+    from `first` up to 5 s, each retry counted and logged."""
+
+    def __init__(self, first: float) -> None:
+        self.delay = first
+
+    async def wait(self, step: str, error: BaseException) -> None:
+        metrics.batch_retries.inc()
+        log.warning("%s failed (%s); retrying in %.1fs", step, error, self.delay)
+        await asyncio.sleep(self.delay)
+        self.delay = min(self.delay * 2, 5.0)
+
+
 class RequestFetcher:
     """Reads ledger.requests for the worker with librdkafka, for the partitions the group
     (faust's consumer) assigned it.
@@ -278,7 +292,7 @@ class Worker:
     async def attach(self, partition: int) -> None:
         """A partition the group assigned us: catch its store up, then fetch its requests
         from the committed offset. Retried until done or the partition is gone again."""
-        delay = 0.5
+        backoff = _Backoff(0.5)
         while True:
             try:
                 async with self._lock(partition):
@@ -291,10 +305,7 @@ class Worker:
             except NotOwned:
                 return  # revoked again before its turn
             except KafkaException as error:  # a LogForked propagates: the operator must look
-                metrics.batch_retries.inc()
-                log.warning("partition %d: taking it over failed (%s); retrying in %.1fs", partition, error, delay)
-                await asyncio.sleep(delay)
-                delay = min(delay * 2, 5.0)
+                await backoff.wait(f"partition {partition}: taking it over", error)
 
     async def process(self, by_partition: dict[int, list], current=lambda partition: True) -> tuple[dict[int, int], set[int]]:
         """Apply a take's request records, partition by partition, in rounds.
@@ -334,17 +345,14 @@ class Worker:
         return committed, skipped
 
     async def _open_retrying(self, partition: int) -> PartitionProcessor | None:
-        delay = 0.1
+        backoff = _Backoff(0.1)
         while True:
             try:
                 return await self._processor_locked(partition)
             except NotOwned:
                 return None
             except KafkaException as error:
-                metrics.batch_retries.inc()
-                log.warning("partition %d: recovery failed (%s); retrying in %.1fs", partition, error, delay)
-                await asyncio.sleep(delay)
-                delay = min(delay * 2, 5.0)
+                await backoff.wait(f"partition {partition}: recovery", error)
 
     def _rounds(self, decoded: dict[int, list[tuple[int, list]]]):
         """Split a take into rounds of at most STREAMLEDGER_BATCH_MAX requests and
@@ -367,7 +375,7 @@ class Worker:
 
     async def _round(self, processors, round_: dict[int, list], now: int, skipped: set[int]) -> dict[int, int] | None:
         """One round: apply, one transaction, store writes. -> offsets committed, or None."""
-        delay = 0.1
+        backoff = _Backoff(0.1)
         while True:
             for partition in [p for p in round_ if not self.owns(p)]:
                 log.warning("partition %d is no longer ours; its owner will apply its requests", partition)
@@ -389,10 +397,7 @@ class Worker:
                             "go to the partitions' owners", error)
                 return None
             except KafkaException as error:
-                metrics.batch_retries.inc()
-                log.warning("round failed (%s); retrying in %.1fs", error, delay)
-                await asyncio.sleep(delay)
-                delay = min(delay * 2, 5.0)
+                await backoff.wait("round", error)
         metrics.batch_requests.observe(result.requests)
         for ledger, (applied, rejected) in result.per_ledger.items():
             if applied:
