@@ -206,7 +206,11 @@ async def info(request: web.Request) -> web.Response:
 
 
 async def list_ledgers(request: web.Request) -> web.Response:
-    """Every worker lists the ledgers of its own partitions: ask each one and merge."""
+    """Every worker lists the ledgers of its own partitions: ask each one and merge. Pages
+    go by name, so ledgers created between two pages neither repeat nor shift one."""
+    page_size = _page_size(request)
+    cursor = request.query.get("cursor")
+    after = _decode_cursor(cursor, str) if cursor else None
     settings = request.app[SETTINGS]
     rows: dict[str, dict] = {}
     reached = 0
@@ -221,11 +225,8 @@ async def list_ledgers(request: web.Request) -> web.Response:
             continue
     if not reached:
         raise ApiError("UNAVAILABLE", "no worker reachable to list ledgers", status=503)
-    page_size = _page_size(request)
-    cursor = request.query.get("cursor")
     names = sorted(rows)
-    if cursor:  # by name, so ledgers created meanwhile neither repeat nor shift a page
-        after = _decode_cursor(cursor, str)
+    if after is not None:
         names = [name for name in names if name > after]
     data = [rows[name] for name in names[:page_size]]
     page: dict = {"pageSize": page_size, "hasMore": len(names) > page_size, "data": data}

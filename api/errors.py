@@ -1,8 +1,9 @@
 """One table from error codes to HTTP statuses, and the middleware that applies it.
 
 Every error body is Formance's `{"errorCode", "errorMessage"}` (+ `details` when there
-are any, a string of JSON as Formance's schema has it). A client mistake is never a 500; an unexpected failure is a 500 with a generic
-message and a logged id the operator can search for.
+are any, a string of JSON as Formance's schema has it). A client mistake is never a 500;
+an unexpected failure is a 500 with a generic message and a logged id the operator can
+search for.
 """
 
 from __future__ import annotations
