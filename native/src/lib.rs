@@ -181,6 +181,19 @@ impl<'a> Reader<'a> {
     fn empty_map(&mut self) -> Option<()> {
         (self.block()? == 0).then_some(())
     }
+
+    /// Every item of an array or map, block by block: `each` reads one (None stops all).
+    fn items(&mut self, mut each: impl FnMut(&mut Self) -> Option<()>) -> Option<()> {
+        loop {
+            let count = self.block()?;
+            if count == 0 {
+                return Some(());
+            }
+            for _ in 0..count {
+                each(self)?;
+            }
+        }
+    }
 }
 
 fn is_segment_byte(byte: u8) -> bool {
@@ -291,30 +304,22 @@ fn read_transfer(reader: &mut Reader, partition: i32, partitions: i32) -> Option
         return None; // no postings (a script)
     }
     let mut postings = Vec::new();
-    loop {
-        let count = reader.block()?;
-        if count == 0 {
-            break;
+    reader.items(|reader| {
+        let source = reader.text()?;
+        let destination = reader.text()?;
+        let amount = parse_amount(reader.text()?)?;
+        let asset = reader.text()?;
+        if !valid_address(source) || !valid_address(destination) || !valid_asset(asset) {
+            return None;
         }
-        for _ in 0..count {
-            let source = reader.text()?;
-            let destination = reader.text()?;
-            let amount = parse_amount(reader.text()?)?;
-            let asset = reader.text()?;
-            if !valid_address(source) || !valid_address(destination) || !valid_asset(asset) {
-                return None;
-            }
-            postings.push(Posting {
-                source: source.to_owned(),
-                destination: destination.to_owned(),
-                amount,
-                asset: asset.to_owned(),
-            });
-            if postings.len() > POSTINGS_MAX {
-                return None;
-            }
-        }
-    }
+        postings.push(Posting {
+            source: source.to_owned(),
+            destination: destination.to_owned(),
+            amount,
+            asset: asset.to_owned(),
+        });
+        (postings.len() <= POSTINGS_MAX).then_some(())
+    })?;
     if postings.is_empty() {
         return None;
     }
@@ -334,22 +339,17 @@ fn read_transfer(reader: &mut Reader, partition: i32, partitions: i32) -> Option
         _ => return None,
     };
     let mut metadata: Vec<(String, String)> = Vec::new();
-    loop {
-        let count = reader.block()?;
-        if count == 0 {
-            break;
+    reader.items(|reader| {
+        let key = reader.text()?;
+        let value = reader.text()?;
+        if key.len() > METADATA_KEY_BYTES_MAX || value.len() > METADATA_VALUE_BYTES_MAX
+            || metadata.len() >= METADATA_ENTRIES_MAX || metadata.iter().any(|(k, _)| k == key)
+        {
+            return None; // too large, or a key twice (the last one wins in Python)
         }
-        for _ in 0..count {
-            let key = reader.text()?;
-            let value = reader.text()?;
-            if key.len() > METADATA_KEY_BYTES_MAX || value.len() > METADATA_VALUE_BYTES_MAX
-                || metadata.len() >= METADATA_ENTRIES_MAX || metadata.iter().any(|(k, _)| k == key)
-            {
-                return None; // too large, or a key twice (the last one wins in Python)
-            }
-            metadata.push((key.to_owned(), value.to_owned()));
-        }
-    }
+        metadata.push((key.to_owned(), value.to_owned()));
+        Some(())
+    })?;
     reader.empty_map()?; // account_metadata
     if reader.long()? != 0 {
         return None; // an explicit timestamp
@@ -1183,15 +1183,10 @@ impl Engine {
         let body = bytes.strip_prefix(self.requests_header.as_slice())?;
         let mut reader = Reader { data: body, at: 0 };
         let mut transfers = Vec::new();
-        loop {
-            let count = reader.block()?;
-            if count == 0 {
-                break;
-            }
-            for _ in 0..count {
-                transfers.push(read_transfer(&mut reader, self.partition, self.partitions)?);
-            }
-        }
+        reader.items(|reader| {
+            transfers.push(read_transfer(reader, self.partition, self.partitions)?);
+            Some(())
+        })?;
         if reader.at != body.len() || transfers.is_empty() {
             return None;
         }

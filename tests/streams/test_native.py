@@ -89,6 +89,7 @@ def test_simple_transfers_are_decoded_natively():
     _transfer(postings=(("world", "a b", 1, "USD"),)),  # not an address
     _transfer(postings=(("world", "a:", 1, "USD"),)),
     _transfer(postings=()),
+    _transfer(postings=(("world", "a", 1, "USD"),) * 1001),  # beyond POSTINGS_MAX
     _transfer(account_metadata={"a": {"k": "v"}}),
     _transfer(reference="r" * 1025),
     _transfer(metadata={"k" * 1025: "v"}),
