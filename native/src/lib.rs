@@ -1144,6 +1144,9 @@ struct Engine {
     rounds: u64,
     /// The round applied and not committed yet: its number, and what it replaced.
     pending: Option<(u64, Vec<(Vec<u8>, Option<(Value, u64)>)>)>,
+    /// The last committed round's list of writes, emptied: the next round's, so a round
+    /// does not ask the allocator for a fresh multi-megabyte block every time.
+    spare: Vec<(Vec<u8>, Vec<u8>)>,
 }
 
 impl Engine {
@@ -1174,6 +1177,7 @@ impl Engine {
         Ok(Engine {
             partition, partitions, requests_header, log_header, rejection_header, emission,
             committed_topic, rejected_topic, cache: FxMap::default(), cache_max, rounds: 0, pending: None,
+            spare: Vec::new(),
         })
     }
 
@@ -1256,7 +1260,7 @@ impl Engine {
         self.rounds += 1;
         let mut work = Work {
             cache: &mut self.cache, number: self.rounds, undo: Vec::new(), answered, references,
-            seen: FxSet::with_capacity_and_hasher(transfers, Default::default()), writes: Vec::with_capacity(8 * asked.len()),
+            seen: FxSet::with_capacity_and_hasher(transfers, Default::default()), writes: std::mem::take(&mut self.spare),
             log_header: &self.log_header, rejection_header: &self.rejection_header,
         };
         let mut outcomes = Vec::new();
@@ -1288,6 +1292,11 @@ impl Engine {
                 _ => unreachable!("a round changes only volumes, heads and accounts"),
             }
         }
+        // In key order: RocksDB's memtable inserts each key from where the previous one
+        // went (its skiplist's splice), so sorted keys are found next door instead of by a
+        // walk down from the top of a ~100k-entry list (the store write ~6 -> ~4 us per
+        // request). Stable, so a key written twice would still end with its last value.
+        writes.sort_by(|a, b| a.0.cmp(&b.0));
         self.pending = Some((self.rounds, undo));
         let emissions = PyList::empty_bound(py);
         let per_ledger = PyDict::new_bound(py);
@@ -1322,7 +1331,11 @@ impl Engine {
 
     /// The round's writes are in the store: its values stay.
     fn commit(&mut self, mut round: PyRefMut<Round>) {
-        round.writes = Vec::new();
+        let mut writes = std::mem::take(&mut round.writes);
+        writes.clear();
+        if writes.capacity() > self.spare.capacity() {
+            self.spare = writes;
+        }
         match &self.pending {
             Some((number, _)) if *number == round.number => self.pending = None,
             _ => self.clear(), // not the round last applied: trust nothing cached
