@@ -497,9 +497,9 @@ fn push_volumes(out: &mut Vec<u8>, post: &[(&str, Vec<(&str, i128, i128)>)], obj
             }
             push_quoted(out, asset);
             out.extend_from_slice(if objects { b":{\"input\":" } else { b":[" });
-            push_int(out, input);
+            push_int(out, *input);
             out.extend_from_slice(if objects { b",\"output\":" } else { b"," });
-            push_int(out, output);
+            push_int(out, *output);
             if objects {
                 out.extend_from_slice(b",\"balance\":");
                 push_int(out, input - output);
@@ -511,9 +511,17 @@ fn push_volumes(out: &mut Vec<u8>, post: &[(&str, Vec<(&str, i128, i128)>)], obj
     out.push(b'}');
 }
 
-fn push_int(out: &mut Vec<u8>, value: impl std::fmt::Display) {
-    use std::io::Write;
-    write!(out, "{value}").unwrap();
+/// Stored volumes: `input,output`.
+fn volumes_value(input: i128, output: i128) -> Vec<u8> {
+    let mut out = Vec::with_capacity(24);
+    push_int(&mut out, input);
+    out.push(b',');
+    push_int(&mut out, output);
+    out
+}
+
+fn push_int(out: &mut Vec<u8>, value: impl itoa::Integer) {
+    out.extend_from_slice(itoa::Buffer::new().format(value).as_bytes());
 }
 
 const BASE64: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
@@ -749,6 +757,11 @@ enum Outcome {
 
 struct Fallback;
 
+/// Where (account, asset) is in a transfer's list of the pairs it moves.
+fn pair_of(pairs: &[(&str, &str, Vec<u8>, (i128, i128))], account: &str, asset: &str) -> usize {
+    pairs.iter().position(|(a, s, ..)| *a == account && *s == asset).expect("every pair listed")
+}
+
 /// A round in progress. It changes the engine's cache in place, remembering what each
 /// key held before (`undo`), so a round that is never committed is rolled back.
 struct Work<'e> {
@@ -763,6 +776,8 @@ struct Work<'e> {
     writes: Vec<(Vec<u8>, Vec<u8>)>,
     log_header: &'e [u8],
     rejection_header: &'e [u8],
+    /// The last date written out (a round's transfers mostly share one).
+    date_text: (i64, String),
 }
 
 impl Work<'_> {
@@ -829,25 +844,30 @@ impl Work<'_> {
                 return Ok(self.conflict(t, reference, now));
             }
         }
-        let volume_key = |account: &str, asset: &str| key(&[b"V", ledger, account.as_bytes(), asset.as_bytes()]);
+        // Every (account, asset) the postings move, in order of first appearance: its
+        // volumes key (built once) and its volumes before the transfer.
+        let mut pairs: Vec<(&str, &str, Vec<u8>, (i128, i128))> = Vec::with_capacity(2 * t.postings.len());
+        for p in &t.postings {
+            for account in [p.source.as_str(), p.destination.as_str()] {
+                if !pairs.iter().any(|(a, s, ..)| *a == account && *s == p.asset) {
+                    let volume_key = key(&[b"V", ledger, account.as_bytes(), p.asset.as_bytes()]);
+                    let volumes = self.volumes(&volume_key)?;
+                    pairs.push((account, p.asset.as_str(), volume_key, volumes));
+                }
+            }
+        }
         if !t.force {
             // `_check_funds`: postings in order, balances tracked across them.
-            let mut balances: Vec<((&str, &str), i128)> = Vec::new();
+            let mut balances: Vec<i128> = pairs.iter().map(|(.., (input, output))| input - output).collect();
             for p in &t.postings {
-                for account in [p.source.as_str(), p.destination.as_str()] {
-                    if !balances.iter().any(|(k, _)| *k == (account, p.asset.as_str())) {
-                        let (input, output) = self.volumes(&volume_key(account, &p.asset))?;
-                        balances.push(((account, p.asset.as_str()), input - output));
-                    }
-                }
-                let source = balances.iter().position(|(k, _)| *k == (p.source.as_str(), p.asset.as_str())).unwrap();
-                let available = balances[source].1;
+                let source = pair_of(&pairs, &p.source, &p.asset);
+                let available = balances[source];
                 if p.source != WORLD && available < p.amount {
                     return Ok(self.insufficient(t, p, available.max(0), now));
                 }
-                balances[source].1 = balances[source].1.checked_sub(p.amount).ok_or(Fallback)?;
-                let destination = balances.iter().position(|(k, _)| *k == (p.destination.as_str(), p.asset.as_str())).unwrap();
-                balances[destination].1 = balances[destination].1.checked_add(p.amount).ok_or(Fallback)?;
+                balances[source] = balances[source].checked_sub(p.amount).ok_or(Fallback)?;
+                let destination = pair_of(&pairs, &p.destination, &p.asset);
+                balances[destination] = balances[destination].checked_add(p.amount).ok_or(Fallback)?;
             }
         }
         let head_key = key(&[b"H", ledger]);
@@ -874,7 +894,7 @@ impl Work<'_> {
                 let held = post[slot].1.iter().position(|(a, _, _)| *a == asset);
                 let (input, output) = match held {
                     Some(i) => (post[slot].1[i].1, post[slot].1[i].2),
-                    None => self.volumes(&volume_key(account, asset))?,
+                    None => pairs[pair_of(&pairs, account, asset)].3,
                 };
                 let updated = if is_source {
                     (input, output.checked_add(p.amount).ok_or(Fallback)?)
@@ -901,7 +921,10 @@ impl Work<'_> {
                 _ => return Err(Fallback),
             }
         }
-        let date_text = rfc3339(date);
+        if self.date_text.0 != date {
+            self.date_text = (date, rfc3339(date));
+        }
+        let date_text = self.date_text.1.clone();
 
         // The hash: Go's JSON of the log's memento (`ledger.hashchain`).
         let mut postings_json = Vec::with_capacity(96 * t.postings.len());
@@ -982,10 +1005,12 @@ impl Work<'_> {
         let the_moment = moment(timestamp, transaction_id);
         for (account, by_asset) in &post {
             for (asset, input, output) in by_asset {
-                self.set(volume_key(account, asset), Value::Volumes(*input, *output));
+                let at = pair_of(&pairs, account, asset);
+                let volume_key = std::mem::take(&mut pairs[at].2);
+                self.set(volume_key, Value::Volumes(*input, *output));
                 if effective_volumes {
                     let effective_key = key(&[b"E", ledger, account.as_bytes(), asset.as_bytes(), &the_moment]);
-                    self.writes.push((effective_key, format!("{input},{output}").into_bytes()));
+                    self.writes.push((effective_key, volumes_value(*input, *output)));
                 }
             }
         }
@@ -1208,14 +1233,14 @@ impl Engine {
         // Every key the round may read and the cache lacks, fetched at once; what the
         // store holds (or lacks) goes into the cache as it is.
         let transfers: usize = batches.iter().map(|b| b.transfers.len()).sum();
-        let mut wanted: Vec<Vec<u8>> = Vec::with_capacity(2 * transfers);
         let mut asked: FxSet<Vec<u8>> = FxSet::with_capacity_and_hasher(4 * transfers, Default::default());
+        let mut last_ledger: Option<&str> = None;
         for batch in &batches {
             for t in &batch.transfers {
                 let ledger = t.ledger.as_bytes();
                 let mut want = |k: Vec<u8>, always: bool| {
-                    if (always || !self.cache.contains_key(&k)) && asked.insert(k.clone()) {
-                        wanted.push(k);
+                    if always || !self.cache.contains_key(&k) {
+                        asked.insert(k);
                     }
                 };
                 want(key(&[b"Q", t.request_id.as_bytes()]), true);
@@ -1225,16 +1250,20 @@ impl Engine {
                 if let Some((idempotency_key, _)) = &t.idempotency {
                     want(key(&[b"I", ledger, idempotency_key.as_bytes()]), true);
                 }
-                want(key(&[b"L", ledger]), false);
-                want(key(&[b"H", ledger]), false);
+                if last_ledger != Some(t.ledger.as_str()) {  // a batch is mostly one ledger
+                    want(key(&[b"L", ledger]), false);
+                    want(key(&[b"H", ledger]), false);
+                }
                 for p in &t.postings {
                     for account in [&p.source, &p.destination] {
                         want(key(&[b"V", ledger, account.as_bytes(), p.asset.as_bytes()]), false);
                         want(key(&[b"A", ledger, account.as_bytes()]), false);
                     }
                 }
+                last_ledger = Some(t.ledger.as_str());
             }
         }
+        let wanted: Vec<Vec<u8>> = asked.into_iter().collect();
         let mut answered = FxSet::default();
         let mut references = FxSet::default();
         if !wanted.is_empty() {
@@ -1262,6 +1291,7 @@ impl Engine {
             cache: &mut self.cache, number: self.rounds, undo: Vec::new(), answered, references,
             seen: FxSet::with_capacity_and_hasher(transfers, Default::default()), writes: std::mem::take(&mut self.spare),
             log_header: &self.log_header, rejection_header: &self.rejection_header,
+            date_text: (i64::MIN, String::new()),
         };
         let mut outcomes = Vec::new();
         for batch in &batches {
@@ -1281,7 +1311,7 @@ impl Engine {
         // The hot values the round changed, as they stand after it.
         for (k, _) in &undo {
             match &self.cache[k].0 {
-                Value::Volumes(input, output) => writes.push((k.clone(), format!("{input},{output}").into_bytes())),
+                Value::Volumes(input, output) => writes.push((k.clone(), volumes_value(*input, *output))),
                 Value::Head(head) => writes.push((k.clone(), head.encode())),
                 Value::Account { first_usage } => {
                     // A new account: `AccountRecord(address, {}, timestamp, date, date)`,
