@@ -100,6 +100,11 @@ class PartitionProcessor:
             settings.store_cache_entries,
         )
         self.engine = native_engine(settings, partition)
+        # A committed native round whose writes wait to go to the store (`write_unstored`),
+        # with the log positions they reflect; the lock orders its write with a query's or
+        # a close's, which may come from another thread.
+        self._unstored: tuple[object, dict[str, int]] | None = None
+        self._unstored_lock = threading.RLock()  # also held around the engine's calls
         self.recovered_entries = 0
         # The writer epoch this store last caught up in (see `Writer.epoch`).
         self.epoch = 0
@@ -131,7 +136,36 @@ class PartitionProcessor:
         self.epoch = epoch
 
     def close(self) -> None:
-        self.store.close()
+        with self._unstored_lock:
+            self._write_unstored_locked()
+            self.store.close()
+
+    @property
+    def has_unstored(self) -> bool:
+        return self._unstored is not None
+
+    def write_unstored(self) -> None:
+        """Write the last committed native round to the store, if it is not there yet.
+
+        `commit` leaves a native round's writes for later: the worker writes them while the
+        next round's records are on their way to the broker (`Writer.commit`'s
+        `before_flush`), or when no round follows, instead of between two rounds. Until
+        then the engine answers from its cache for them. Anything else that reads or writes
+        the store directly (the Python path, a catch-up, a query, closing) writes them
+        first. A crash before it leaves the store behind the log, as a crash right after a
+        commit always could: recovery replays the rest from the recorded positions.
+        """
+        if self._unstored is not None:
+            with self._unstored_lock:
+                self._write_unstored_locked()
+
+    def _write_unstored_locked(self) -> None:
+        if self._unstored is None:
+            return
+        round_, positions = self._unstored
+        self.store.commit_native(round_, positions)
+        self._unstored = None
+        self.engine.stored(round_)  # type: ignore[union-attr]
 
     # -- recovery ----------------------------------------------------------------------
 
@@ -139,6 +173,7 @@ class PartitionProcessor:
         """Catch up from the log; -> records replayed. `watermarks` ({topic: (low, high)},
         read_uncommitted) may come from the caller's own probe (warm standbys probe every
         partition with one consumer); otherwise they are probed here."""
+        self.write_unstored()
         if watermarks is None:
             probe = watermark_probe(self.settings)
             try:
@@ -286,13 +321,15 @@ class PartitionProcessor:
         """
         path = "python"
         if self.engine is not None and all(type(items) is _Batch for _offset, items in records):
-            round_ = self.engine.apply([items for _offset, items in records], now, self.store.get_many)
+            with self._unstored_lock:
+                round_ = self.engine.apply([items for _offset, items in records], now, self.store.get_many)
             if round_ is not None:
                 metrics.partition_rounds.labels("native").inc()
                 result = BatchResult(round_.committed, round_.rejected, 0, round_.per_ledger)
                 return Applied(self.partition, round_, round_.emissions, result)
             path = "fallback"
         metrics.partition_rounds.labels(path).inc()
+        self.write_unstored()  # the Python path reads the store
         if self.engine is not None:  # some or all of it takes the Python path
             records = [(offset, self._decode(offset, items.key, items.payload, now) if type(items) is _Batch else items)
                        for offset, items in records]
@@ -314,11 +351,14 @@ class PartitionProcessor:
         ledger.committed / ledger.rejected it reflects."""
         positions = {topic: written[(topic, self.partition)]
                      for topic in (COMMITTED, REJECTED) if (topic, self.partition) in written}
-        if isinstance(applied.overlay, Overlay):
-            self._commit_overlay(applied.overlay, positions)
-        else:
-            self.store.commit_native(applied.overlay, positions)
-            self.engine.commit(applied.overlay)  # type: ignore[union-attr]
+        with self._unstored_lock:
+            self._write_unstored_locked()  # the previous round's first: positions only move forward
+            if isinstance(applied.overlay, Overlay):
+                self._commit_overlay(applied.overlay, positions)
+            else:
+                self._unstored = (applied.overlay, positions)
+                if not self.engine.commit(applied.overlay):  # type: ignore[union-attr]
+                    self._write_unstored_locked()  # the engine no longer holds its values: now
 
     def _commit_overlay(self, overlay: Overlay, positions: dict[str, int]) -> None:
         """Write what the Python path applied; the native path's values are then stale."""

@@ -30,7 +30,7 @@ import logging
 import struct
 import threading
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from concurrent.futures import ThreadPoolExecutor
 from concurrent.futures import TimeoutError as FutureTimeout
 from dataclasses import dataclass
@@ -155,14 +155,16 @@ class Writer:
         return producer
 
     def commit(self, emissions: list[Emission] | Iterable[list[Emission]], offsets: dict[int, int],
-               metadata: bytes) -> dict[tuple[str, int], int]:
+               metadata: bytes, before_flush: Callable[[], None] | None = None) -> dict[tuple[str, int], int]:
         """Publish `emissions` and commit the request `offsets` ({partition: next offset})
         in one transaction; -> the next offset of every (topic, partition) written.
 
         `emissions` is a list, or an iterable of lists pulled while the transaction is
         open: the worker applies a round partition by partition as the writer asks, so the
         broker takes in one partition's records while the next is applied. An exception
-        raised by the iterable aborts the transaction and propagates.
+        raised by the iterable aborts the transaction and propagates. `before_flush` runs
+        once every record is handed to librdkafka, while they travel to the broker (the
+        worker writes the previous round's store then); an exception from it aborts too.
 
         Raises GroupMoved (aborted: the group moved on), Fenced (stop), or KafkaException
         (aborted, producers dropped: the caller catches up and retries).
@@ -196,6 +198,9 @@ class Writer:
                         producer.poll(0.1)
                         produce(e.topic, e.value, e.key, e.partition, on_delivery=callback, headers=headers)
             timings["produce"] = (mark := time.perf_counter()) - started
+            if before_flush is not None:
+                before_flush()
+                timings["before_flush"] = -mark + (mark := time.perf_counter())
             # Every record on its partition leader before the offsets go: see the module doc.
             remaining = producer.flush(30)
             if remaining:

@@ -1169,9 +1169,13 @@ struct Engine {
     rounds: u64,
     /// The round applied and not committed yet: its number, and what it replaced.
     pending: Option<(u64, Vec<(Vec<u8>, Option<(Value, u64)>)>)>,
-    /// The last committed round's list of writes, emptied: the next round's, so a round
+    /// The last stored round's list of writes, emptied: the next round's, so a round
     /// does not ask the allocator for a fresh multi-megabyte block every time.
     spare: Vec<(Vec<u8>, Vec<u8>)>,
+    /// Committed rounds whose writes are not in the store yet, and their request ids,
+    /// references and idempotency keys (see `commit`).
+    unstored_rounds: usize,
+    unstored: FxSet<Vec<u8>>,
 }
 
 impl Engine {
@@ -1202,7 +1206,7 @@ impl Engine {
         Ok(Engine {
             partition, partitions, requests_header, log_header, rejection_header, emission,
             committed_topic, rejected_topic, cache: FxMap::default(), cache_max, rounds: 0, pending: None,
-            spare: Vec::new(),
+            spare: Vec::new(), unstored_rounds: 0, unstored: FxSet::default(),
         })
     }
 
@@ -1227,8 +1231,8 @@ impl Engine {
     /// store's multi-get (a rocksdict `Rdict.get` of a list of keys).
     fn apply(&mut self, py: Python, batches: Vec<PyRef<Batch>>, now: i64, get: &Bound<PyAny>) -> PyResult<Option<Round>> {
         self.rollback();
-        if self.cache.len() > self.cache_max {
-            self.cache.clear();
+        if self.cache.len() > self.cache_max && self.unstored_rounds == 0 {
+            self.cache.clear(); // (not while it holds values the store lacks)
         }
         // Every key the round may read and the cache lacks, fetched at once; what the
         // store holds (or lacks) goes into the cache as it is.
@@ -1273,7 +1277,7 @@ impl Engine {
                 let value = value?;
                 if matches!(k[0], b'Q' | b'R' | b'I') {
                     // Request ids, references and idempotency keys: only whether taken.
-                    if !value.is_none() {
+                    if !value.is_none() || self.unstored.contains(&k) {
                         if k[0] == b'R' { references.insert(k) } else { answered.insert(k) };
                     }
                 } else if value.is_none() {
@@ -1359,23 +1363,52 @@ impl Engine {
         }))
     }
 
-    /// The round's writes are in the store: its values stay.
-    fn commit(&mut self, mut round: PyRefMut<Round>) {
+    /// The round's transaction committed: its values stay. Its writes may reach the store
+    /// later (`stored`); until then the cache holds its values, and its request ids,
+    /// references and idempotency keys count as taken whatever the store says.
+    /// -> false when the round is not the one last applied: nothing cached is trusted then,
+    /// and its writes must go to the store before anything else is applied.
+    fn commit(&mut self, round: PyRef<Round>) -> bool {
+        match &self.pending {
+            Some((number, _)) if *number == round.number => self.pending = None,
+            _ => {
+                self.clear();
+                return false;
+            }
+        }
+        self.unstored_rounds += 1;
+        for (k, _) in &round.writes {
+            if matches!(k[0], b'Q' | b'R' | b'I') {
+                self.unstored.insert(k.clone());
+            }
+        }
+        true
+    }
+
+    /// The committed round's writes are in the store.
+    fn stored(&mut self, mut round: PyRefMut<Round>) {
         let mut writes = std::mem::take(&mut round.writes);
+        if self.unstored_rounds > 0 {
+            self.unstored_rounds -= 1;
+            for (k, _) in &writes {
+                if matches!(k[0], b'Q' | b'R' | b'I') {
+                    self.unstored.remove(k);
+                }
+            }
+        }
         writes.clear();
         if writes.capacity() > self.spare.capacity() {
             self.spare = writes;
         }
-        match &self.pending {
-            Some((number, _)) if *number == round.number => self.pending = None,
-            _ => self.clear(), // not the round last applied: trust nothing cached
-        }
     }
 
-    /// Something else wrote the store: forget every value.
+    /// Something else wrote the store (after every committed round's writes): forget
+    /// every value.
     fn clear(&mut self) {
         self.cache.clear();
         self.pending = None;
+        self.unstored.clear();
+        self.unstored_rounds = 0;
     }
 
     fn __len__(&self) -> usize {
