@@ -90,6 +90,10 @@ class Applied:
     result: BatchResult
 
 
+# A quiet partition's store is flushed at most this often (`flush_store`).
+QUIET_FLUSH_EVERY_S = 1.0
+
+
 class PartitionProcessor:
     def __init__(self, settings: Settings, partition: int) -> None:
         self.settings = settings
@@ -105,6 +109,8 @@ class PartitionProcessor:
         # a close's, which may come from another thread.
         self._unstored: tuple[object, dict[str, int]] | None = None
         self._unstored_lock = threading.RLock()  # also held around the engine's calls
+        self._closed = False
+        self._flushed_at = float("-inf")  # when `flush_store` last persisted the memtables
         self.recovered_entries = 0
         # The writer epoch this store last caught up in (see `Writer.epoch`).
         self.epoch = 0
@@ -138,7 +144,22 @@ class PartitionProcessor:
     def close(self) -> None:
         with self._unstored_lock:
             self._write_unstored_locked()
+            self._closed = True
             self.store.close()
+
+    def flush_store(self, every: float = QUIET_FLUSH_EVERY_S) -> None:
+        """The partition is quiet: persist its store's memtables (the store keeps no
+        write-ahead log, see streams/store.py), at most once per `every` seconds, so that a
+        crash after a burst replays nothing of it, without a file per request when
+        requests trickle in."""
+        with self._unstored_lock:
+            if self._closed:
+                return
+            self._write_unstored_locked()
+            now = time.monotonic()
+            if self.store.unflushed and now - self._flushed_at >= every:
+                self.store.flush()
+                self._flushed_at = now
 
     @property
     def has_unstored(self) -> bool:

@@ -8,6 +8,14 @@ volumes ("input,output" in decimal: the hottest value, arbitrary precision).
 
 `commit` writes a batch of state changes *and* the topic positions they reflect in one
 RocksDB write batch, so the store and its recorded position never disagree.
+
+No write-ahead log (as Kafka Streams runs RocksDB): the log topics are the durable copy.
+A crash loses what was still in the memtables — data and positions together, since a
+flush persists a prefix of the writes — and recovery replays it from the recorded
+positions. That bounds the replay by the memtables' size (the write-buffer manager's
+4 x STREAMLEDGER_ROCKSDB_WRITE_BUFFER_MB), and the worker flushes a store when its
+partition goes quiet (`flush`) and on close. Measured: the WAL's copy into the page
+cache and its checksums were ~4 us of ~27 us of the worker's CPU per uniform request.
 """
 
 from __future__ import annotations
@@ -19,7 +27,7 @@ from functools import lru_cache
 from streams.fastjson import dumps_json
 from pathlib import Path
 
-from rocksdict import BlockBasedOptions, Cache, Options, Rdict, WriteBatch, WriteBufferManager
+from rocksdict import BlockBasedOptions, Cache, Options, Rdict, WriteBatch, WriteBufferManager, WriteOptions
 
 from ledger.machine import Rejected  # noqa: F401  (kept for type context)
 from ledger.model import LogEntry, Posting, Transaction, Volumes
@@ -161,6 +169,10 @@ class PartitionStore:
         path.mkdir(parents=True, exist_ok=True)
         self.path = path
         self._db = Rdict(str(path), options)
+        no_wal = WriteOptions()
+        no_wal.disable_wal = True
+        self._db.set_write_options(no_wal)  # every write, batches included (see the module doc)
+        self._unflushed = False  # written since the last flush
         # Decoded values of the small, hot kinds (balances, heads, accounts, ledgers),
         # read through and written through on commit; other kinds (transactions, log
         # entries of up to 1000 postings) are never cached, so never stale nor large.
@@ -214,6 +226,7 @@ class PartitionStore:
                 batch.put(encoded, encode_value(key[0], value))
         self._put_positions(batch, positions)
         self._db.write(batch)
+        self._unflushed = True
         self._commits += 1
         cache = self._cache
         if len(cache) + len(writes) > self._cache_entries_max:
@@ -232,6 +245,7 @@ class PartitionStore:
         round_.write_into(batch)
         self._put_positions(batch, positions)
         self._db.write(batch)
+        self._unflushed = True
         self._commits += 1
         self._cache.clear()
 
@@ -273,5 +287,16 @@ class PartitionStore:
             else:
                 iterator.next()
 
+    @property
+    def unflushed(self) -> bool:
+        return self._unflushed
+
+    def flush(self) -> None:
+        """Persist the memtables (a crash after this replays nothing before it)."""
+        if self._unflushed:
+            self._unflushed = False
+            self._db.flush()
+
     def close(self) -> None:
+        self.flush()
         self._db.close()

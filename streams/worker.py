@@ -210,6 +210,12 @@ class Worker:
         for processor in list(self.processors.values()):
             processor.write_unstored()
 
+    async def quiet(self) -> None:
+        """Nothing to apply for a while: persist the stores' memtables (see
+        `PartitionProcessor.flush_store`)."""
+        for processor in list(self.processors.values()):
+            await self._run(processor.flush_store)
+
     def _open(self, partition: int, processor: PartitionProcessor | None = None) -> PartitionProcessor:
         processor = processor or PartitionProcessor(self.settings, partition)
         try:
@@ -632,7 +638,8 @@ def create_app(settings: Settings | None = None) -> faust.App:
                 continue
             by_partition = await loop.run_in_executor(
                 fetcher.executor, _take, fetcher, settings.batch_requests_max, linger, worker.write_unstored)
-            if not by_partition:
+            if not by_partition:  # half a second without a request
+                await worker.quiet()
                 continue
             try:
                 generations = {p: generation for p, (generation, _records) in by_partition.items()}

@@ -1169,9 +1169,10 @@ struct Engine {
     rounds: u64,
     /// The round applied and not committed yet: its number, and what it replaced.
     pending: Option<(u64, Vec<(Vec<u8>, Option<(Value, u64)>)>)>,
-    /// The last stored round's list of writes, emptied: the next round's, so a round
-    /// does not ask the allocator for a fresh multi-megabyte block every time.
-    spare: Vec<(Vec<u8>, Vec<u8>)>,
+    /// Stored rounds' lists of writes, emptied, for the next rounds (one round is applied
+    /// while the last one waits to be stored): a round does not ask the allocator for a
+    /// fresh multi-megabyte block, and the kernel for fresh pages, every time.
+    spare: Vec<Vec<(Vec<u8>, Vec<u8>)>>,
     /// Committed rounds whose writes are not in the store yet, and their request ids,
     /// references and idempotency keys (see `commit`).
     unstored_rounds: usize,
@@ -1293,7 +1294,7 @@ impl Engine {
         self.rounds += 1;
         let mut work = Work {
             cache: &mut self.cache, number: self.rounds, undo: Vec::new(), answered, references,
-            seen: FxSet::with_capacity_and_hasher(transfers, Default::default()), writes: std::mem::take(&mut self.spare),
+            seen: FxSet::with_capacity_and_hasher(transfers, Default::default()), writes: self.spare.pop().unwrap_or_default(),
             log_header: &self.log_header, rejection_header: &self.rejection_header,
             date_text: (i64::MIN, String::new()),
         };
@@ -1397,8 +1398,8 @@ impl Engine {
             }
         }
         writes.clear();
-        if writes.capacity() > self.spare.capacity() {
-            self.spare = writes;
+        if self.spare.len() < 2 {
+            self.spare.push(writes);
         }
     }
 

@@ -430,6 +430,9 @@ def _restarted(broker: str, worker: Worker, topics: Topics, rng: random.Random):
     send(broker, before)
     topics.wait({r.request_id for r in before}, timeout=90, worker=worker)
     assert topics.ids(REJECTED), "expected some INSUFFICIENT_FUND rejections"
+    # The stores keep no write-ahead log: a quiet worker persists them (within ~1.5 s).
+    # A kill loses what came after, which the restart replays.
+    time.sleep(2.5)
 
     # A stream of requests, and a kill -9 in the middle of it.
     streamed: list[Request] = []
@@ -509,7 +512,11 @@ def test_a_restart_replays_only_what_the_store_lacks_and_continues_the_ids(broke
         for partition, count in replayed.items():
             if log_records[partition]:
                 assert count < log_records[partition], (name, partition, count, log_records[partition])
-        assert sum(replayed.values()) < sum(log_records.values()) / 2, name
+    # The kill came in the middle of a stream, after a quiet pause: the store had persisted
+    # everything before the pause (no write-ahead log: what the memtables held since is
+    # replayed), so none of it is replayed.
+    _, replayed, _, log_records = restarted["restarts"][0]
+    assert sum(replayed.values()) <= sum(log_records.values()) - len(restarted["before"]), replayed
     stale = restarted["restarts"][1]
     assert sum(stale[1].values()) >= 5 * len(ledgers), stale  # (b) did replay something
 

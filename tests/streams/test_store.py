@@ -158,3 +158,33 @@ def test_a_read_racing_a_commit_never_caches_the_old_value(store, native):
     store._db = _CommitDuringRead(store, encode_key(key), commit_newer)
     assert store.get(key) == Volumes(1, 0)  # read before the commit landed
     assert store.get(key) == Volumes(2, 0)  # and not kept in the cache after it
+
+
+_CRASH_AFTER_COMMIT = """
+import os, sys
+from pathlib import Path
+from streams.store import PartitionStore, rocksdb_options
+store = PartitionStore(Path(sys.argv[1]), rocksdb_options(8, 4))
+store.commit([], {"ledger.committed": 7})
+if sys.argv[2] == "flush":
+    store.flush()
+os._exit(0)  # as a kill -9 would: nothing closed
+"""
+
+
+@pytest.mark.parametrize("flushed", [True, False])
+def test_without_a_wal_a_crash_keeps_only_what_was_flushed(tmp_path, flushed):
+    """The store keeps no write-ahead log: a crash loses the memtables — data and
+    positions together, so recovery replays from an older position — unless flushed."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[2]
+    subprocess.run([sys.executable, "-c", _CRASH_AFTER_COMMIT, str(tmp_path / "db"), "flush" if flushed else "crash"],
+                   cwd=root, check=True, timeout=60)
+    store = PartitionStore(tmp_path / "db", rocksdb_options(8, 4))
+    try:
+        assert store.position("ledger.committed") == (7 if flushed else None)
+    finally:
+        store.close()
