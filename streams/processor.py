@@ -108,7 +108,9 @@ class PartitionProcessor:
         # with the log positions they reflect; the lock orders its write with a query's or
         # a close's, which may come from another thread.
         self._unstored: tuple[object, dict[str, int]] | None = None
-        self._unstored_lock = threading.RLock()  # also held around the engine's calls
+        # Held around every call into the engine too: a query's thread may write the round
+        # (`stored`) while a round's thread is inside the engine (PyO3 borrows).
+        self._unstored_lock = threading.RLock()
         self._closed = False
         self._flushed_at = float("-inf")  # when `flush_store` last persisted the memtables
         self.recovered_entries = 0
@@ -143,6 +145,8 @@ class PartitionProcessor:
 
     def close(self) -> None:
         with self._unstored_lock:
+            if self._closed:
+                return
             self._write_unstored_locked()
             self._closed = True
             self.store.close()
@@ -318,7 +322,11 @@ class PartitionProcessor:
         engine = self.engine
         decoded = []
         for offset, key, value in payloads:
-            batch = None if engine is None else engine.decode(key, value)
+            if engine is None:
+                batch = None
+            else:
+                with self._unstored_lock:  # never beside `stored` from a query's thread
+                    batch = engine.decode(key, value)
             decoded.append((offset, batch if batch is not None else self._decode(offset, key, value, now)))
         return decoded
 
@@ -385,7 +393,8 @@ class PartitionProcessor:
         """Write what the Python path applied; the native path's values are then stale."""
         self.store.commit(overlay.writes(), positions)
         if self.engine is not None:
-            self.engine.clear()
+            with self._unstored_lock:
+                self.engine.clear()
 
     def _emission(self, overlay: Overlay, outcome, result: BatchResult) -> Emission:
         if isinstance(outcome, Replayed):

@@ -336,3 +336,37 @@ def test_a_round_of_simple_transfers_is_native_and_equal():
     assert native.native_rounds == 30 * len({_ledger_partition(name) for name in ("main", "side", "flat")})
     assert native.emissions == python.emissions
     assert [dict(s) for s in native.stores] == [dict(s) for s in python.stores]
+
+
+def test_a_committed_native_round_reaches_the_store_before_anything_reads_past_it():
+    """`commit` leaves a native round's writes for later (the worker writes them during the
+    next round's flush); meanwhile the engine answers for them — a redelivered request id
+    is still recognised — and whatever reads the store directly writes them first."""
+    p = _ledger_partition("main")
+    with tempfile.TemporaryDirectory() as folder:
+        processor = PartitionProcessor(Settings(data_dir=Path(folder), partitions=PARTITIONS), p)
+        try:
+            def round_(offset, *requests):
+                applied = processor.apply(processor.decode([(offset, b"main", _record(*requests))], NOW), NOW)
+                processor.commit(applied, {(COMMITTED, p): offset + 1, (REJECTED, p): 0})
+                return applied
+
+            round_(0, Request("create", "main", CreateLedger(), received_at=NOW))  # the Python path
+            first = round_(1, _transfer("r1"))
+            assert isinstance(first.overlay, streamledger_native.Round)
+            assert processor.has_unstored
+            assert processor.store.get_many([b"Q\x00r1"]) == [None]  # not in the store yet
+            again = round_(2, _transfer("r1"))  # redelivered: the Python path replays it
+            assert not isinstance(again.overlay, streamledger_native.Round)
+            assert [e.topic for e in again.emissions] == [REPLIES]
+            assert not processor.has_unstored  # the Python path wrote it before reading
+            assert processor.store.get_many([b"Q\x00r1"]) != [None]
+            round_(3, _transfer("r2"))
+            assert processor.has_unstored
+            processor.close()  # writes it
+            reopened = PartitionProcessor(Settings(data_dir=Path(folder), partitions=PARTITIONS), p)
+            assert reopened.store.get_many([b"Q\x00r2"]) != [None]
+            assert reopened.store.position(COMMITTED) == 4
+            reopened.close()
+        finally:
+            processor.close()
