@@ -370,3 +370,27 @@ def test_a_committed_native_round_reaches_the_store_before_anything_reads_past_i
             reopened.close()
         finally:
             processor.close()
+
+
+def test_a_quiet_partition_flushes_its_store_at_most_once_per_interval():
+    """No WAL: `flush_store` (the worker calls it when no request came for half a second)
+    writes the waiting round and persists the memtables, but not more often than asked."""
+    p = _ledger_partition("main")
+    with tempfile.TemporaryDirectory() as folder:
+        processor = PartitionProcessor(Settings(data_dir=Path(folder), partitions=PARTITIONS), p)
+        try:
+            for offset, request in enumerate([Request("create", "main", CreateLedger(), received_at=NOW),
+                                              _transfer("r1")]):
+                applied = processor.apply(processor.decode([(offset, b"main", _record(request))], NOW), NOW)
+                processor.commit(applied, {(COMMITTED, p): offset + 1})
+            assert processor.has_unstored and processor.store.unflushed
+            processor.flush_store(every=60)
+            assert not processor.has_unstored and not processor.store.unflushed
+            applied = processor.apply(processor.decode([(2, b"main", _record(_transfer("r2")))], NOW), NOW)
+            processor.commit(applied, {(COMMITTED, p): 3})
+            processor.flush_store(every=60)  # written, but not flushed again within the minute
+            assert not processor.has_unstored and processor.store.unflushed
+            processor.flush_store(every=0)
+            assert not processor.store.unflushed
+        finally:
+            processor.close()
