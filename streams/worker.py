@@ -636,12 +636,14 @@ def create_app(settings: Settings | None = None) -> faust.App:
             if not fetcher.assigned:
                 await asyncio.sleep(0.05)
                 continue
-            by_partition = await loop.run_in_executor(
-                fetcher.executor, _take, fetcher, settings.batch_requests_max, linger, worker.write_unstored)
-            if not by_partition:  # half a second without a request
-                await worker.quiet()
-                continue
             try:
+                # Waiting for requests, the worker writes its last round's store, and after
+                # half a second without any it flushes the stores (`quiet`).
+                by_partition = await loop.run_in_executor(
+                    fetcher.executor, _take, fetcher, settings.batch_requests_max, linger, worker.write_unstored)
+                if not by_partition:
+                    await worker.quiet()
+                    continue
                 generations = {p: generation for p, (generation, _records) in by_partition.items()}
                 committed, skipped = await worker.process(
                     {p: records for p, (_generation, records) in by_partition.items()},
@@ -658,6 +660,8 @@ def create_app(settings: Settings | None = None) -> faust.App:
                 exit_process(log, "this worker's transactional id was taken over (%s): another process "
                              "runs with STREAMLEDGER_WORKER_ID=%s? exiting", error, settings.worker_id)
             except Exception:
+                if worker.closing:  # shutting down: the fetcher and the executors are going
+                    return
                 # A bug or a store failure, never an operating error (those are outcomes
                 # or retried). Crash now: the restarted worker recovers from the log and
                 # reads the requests after the last committed offsets again.
