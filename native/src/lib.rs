@@ -757,6 +757,12 @@ enum Outcome {
 
 struct Fallback;
 
+/// A request id, reference or idempotency key: a key whose presence is what counts
+/// (taken or not), never read for its value.
+fn is_claim(key: &[u8]) -> bool {
+    matches!(key.first(), Some(b'Q' | b'R' | b'I'))
+}
+
 /// Where (account, asset) is in a transfer's list of the pairs it moves.
 fn pair_of(pairs: &[(&str, &str, Vec<u8>, (i128, i128))], account: &str, asset: &str) -> usize {
     pairs.iter().position(|(a, s, ..)| *a == account && *s == asset).expect("every pair listed")
@@ -1173,9 +1179,9 @@ struct Engine {
     /// while the last one waits to be stored): a round does not ask the allocator for a
     /// fresh multi-megabyte block, and the kernel for fresh pages, every time.
     spare: Vec<Vec<(Vec<u8>, Vec<u8>)>>,
-    /// Committed rounds whose writes are not in the store yet, and their request ids,
-    /// references and idempotency keys (see `commit`).
-    unstored_rounds: usize,
+    /// The request ids, references and idempotency keys of committed rounds whose writes
+    /// are not in the store yet (see `commit`); every such round has some (a request id
+    /// per outcome), so it is empty exactly when every committed round is stored.
     unstored: FxSet<Vec<u8>>,
 }
 
@@ -1207,7 +1213,7 @@ impl Engine {
         Ok(Engine {
             partition, partitions, requests_header, log_header, rejection_header, emission,
             committed_topic, rejected_topic, cache: FxMap::default(), cache_max, rounds: 0, pending: None,
-            spare: Vec::new(), unstored_rounds: 0, unstored: FxSet::default(),
+            spare: Vec::new(), unstored: FxSet::default(),
         })
     }
 
@@ -1232,7 +1238,7 @@ impl Engine {
     /// store's multi-get (a rocksdict `Rdict.get` of a list of keys).
     fn apply(&mut self, py: Python, batches: Vec<PyRef<Batch>>, now: i64, get: &Bound<PyAny>) -> PyResult<Option<Round>> {
         self.rollback();
-        if self.cache.len() > self.cache_max && self.unstored_rounds == 0 {
+        if self.cache.len() > self.cache_max && self.unstored.is_empty() {
             self.cache.clear(); // (not while it holds values the store lacks)
         }
         // Every key the round may read and the cache lacks, fetched at once; what the
@@ -1276,7 +1282,7 @@ impl Engine {
             let values = get.call1((keys,))?;
             for (k, value) in wanted.into_iter().zip(values.iter()?) {
                 let value = value?;
-                if matches!(k[0], b'Q' | b'R' | b'I') {
+                if is_claim(&k) {
                     // Request ids, references and idempotency keys: only whether taken.
                     if !value.is_none() || self.unstored.contains(&k) {
                         if k[0] == b'R' { references.insert(k) } else { answered.insert(k) };
@@ -1377,9 +1383,8 @@ impl Engine {
                 return false;
             }
         }
-        self.unstored_rounds += 1;
         for (k, _) in &round.writes {
-            if matches!(k[0], b'Q' | b'R' | b'I') {
+            if is_claim(k) {
                 self.unstored.insert(k.clone());
             }
         }
@@ -1389,12 +1394,9 @@ impl Engine {
     /// The committed round's writes are in the store.
     fn stored(&mut self, mut round: PyRefMut<Round>) {
         let mut writes = std::mem::take(&mut round.writes);
-        if self.unstored_rounds > 0 {
-            self.unstored_rounds -= 1;
-            for (k, _) in &writes {
-                if matches!(k[0], b'Q' | b'R' | b'I') {
-                    self.unstored.remove(k);
-                }
+        for (k, _) in &writes {
+            if is_claim(k) {
+                self.unstored.remove(k); // (a claim is never in two rounds: a second one is refused)
             }
         }
         writes.clear();
@@ -1409,7 +1411,6 @@ impl Engine {
         self.cache.clear();
         self.pending = None;
         self.unstored.clear();
-        self.unstored_rounds = 0;
     }
 
     fn __len__(&self) -> usize {
