@@ -43,3 +43,7 @@ gc_pause_seconds = Histogram(
     "streamledger_gc_pause_seconds", "Pauses of Python's cyclic garbage collector, by generation", ["generation"],
     buckets=(0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5),
 )
+hanging_transactions_aborted = Counter(
+    "streamledger_hanging_transactions_aborted_total",
+    "Transactions a catch-up found open on a log partition with no coordinator to end them, and aborted",
+)

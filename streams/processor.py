@@ -23,7 +23,7 @@ from ledger.errors import LedgerError, ValidationError
 from ledger.machine import Committed, Rejected, Replayed, execute, project_entry, project_rejection, refuse
 from ledger.model import LogEntry
 from ledger.state import HEAD, LOG, Head, Overlay
-from streams import codecs, metrics
+from streams import codecs, hanging, metrics
 from streams.settings import Settings
 from streams.store import PartitionStore, rocksdb_options
 from streams.topics import COMMITTED, REJECTED, REPLIES, REQUESTS, partition_for
@@ -47,7 +47,8 @@ _REPLAY_COMMIT_WEIGHT = 10_000
 # RSS; 2 at once 38.0 s / 973 MiB; 1 at a time 26.1 s / 739 MiB.
 _RECOVERIES = threading.BoundedSemaphore(1)
 # Recovery gives up (and is retried) when the log's end does not come closer for this long:
-# e.g. a transaction of a dead worker stays open until the broker aborts it (15 s).
+# e.g. a transaction of a dead worker stays open until the broker aborts it (15 s). A
+# transaction still open then is checked for hanging (`streams.hanging`) first.
 _REPLAY_STALL_SECONDS = 60
 
 # The rejection code of a record on ledger.requests that is not a request batch at all.
@@ -253,6 +254,7 @@ class PartitionProcessor:
             position = start
             pending = 0
             progress_at, last_fetched = time.monotonic(), -1
+            aborted_at: set[int] = set()  # where a hanging transaction was aborted
             while True:
                 for message in consumer.consume(200, timeout=0.05):
                     error = message.error()
@@ -280,12 +282,28 @@ class PartitionProcessor:
                 if fetched != last_fetched:
                     progress_at, last_fetched = now, fetched
                 elif now - progress_at > _REPLAY_STALL_SECONDS:
+                    # A transaction that no coordinator will ever end (seen once in the
+                    # crash test after a kill -9 of the broker) holds the partition forever:
+                    # abort it if it is one, as `kafka-transactions.sh abort` would.
+                    at = fetched if fetched >= 0 else max(start, low)  # (nothing fetched yet: no position)
+                    if at in aborted_at:
+                        finding = hanging.Finding(False, f"still stuck at {at} after aborting the transaction there")
+                    else:
+                        finding = hanging.abort_if_hanging(self.settings.bootstrap_servers, topic, self.partition, at)
+                        log.warning("partition %d: %s", self.partition, finding.description,
+                                    extra={"partition": self.partition, "topic": topic, "at": at,
+                                           "aborted": finding.aborted})
+                        if finding.aborted:
+                            aborted_at.add(at)
+                            metrics.hanging_transactions_aborted.inc()
+                            progress_at = time.monotonic()
+                            continue
                     # Never hold the partition forever (a revocation waits for us): fail,
                     # and let the caller retry with backoff.
                     raise KafkaException(KafkaError(
                         KafkaError._TIMED_OUT,
                         f"recovery of {topic}[{self.partition}] made no progress for {_REPLAY_STALL_SECONDS}s "
-                        f"(at {fetched}, end {high}: a transaction left open?)",
+                        f"(at {fetched}, end {high}): {finding.description}",
                     ))
             self._commit_overlay(overlay, {topic: max(position, start)})
             metrics.recovery_replayed.labels(label).set(count)
