@@ -589,6 +589,8 @@ def main(argv: list[str] | None = None) -> int:
             outcomes.stop.set()
         if processes is not None:
             processes.stop_all()
+        if not verdict.get("ok") and kafka.logs_dir.is_dir():  # the broker's side of a failure
+            shutil.copytree(kafka.logs_dir, tmp / "kafka-logs", dirs_exist_ok=True)
         kafka.close()
         if outcomes is not None:
             outcomes.join(10)
@@ -596,7 +598,7 @@ def main(argv: list[str] | None = None) -> int:
             producing.join(10)
     keep = args.keep or not verdict.get("ok")
     if keep:
-        say(f"chaos: logs kept in {tmp} (w1.log, w2.log, gateway.log)")
+        say(f"chaos: logs kept in {tmp} (w1.log, w2.log, gateway.log; kafka-logs/ when it failed)")
         verdict["logs"] = str(tmp)
     else:
         shutil.rmtree(tmp, ignore_errors=True)
