@@ -23,9 +23,11 @@ from __future__ import annotations
 import itertools
 import socket
 import struct
+import time
 from dataclasses import dataclass
 
-from confluent_kafka.admin import AdminClient
+from confluent_kafka import IsolationLevel, TopicPartition
+from confluent_kafka.admin import AdminClient, OffsetSpec
 
 _DESCRIBE_PRODUCERS = (61, 0)
 _LIST_TRANSACTIONS = (66, 0)
@@ -306,3 +308,52 @@ def abort_if_hanging(bootstrap: str, topic: str, partition: int, stuck_at: int) 
     except Exception as error:  # noqa: BLE001 — a broker down, a request unsupported: never abort on doubt
         return Finding(False, f"could not check {topic}[{partition}]@{stuck_at} for a hanging transaction: "
                               f"{type(error).__name__}: {error}")
+
+
+class StableOffsetWatch:
+    """Watches the last stable offsets of a worker's own log partitions: one that stays
+    below its high watermark, unmoved, for `after_s` is checked for a hanging transaction
+    (`abort_if_hanging`). A catch-up notices one by itself; this is for the partitions a
+    worker owns and writes, which it never reads back - yet the gateway's replies and
+    every read_committed consumer downstream stop at that offset."""
+
+    def __init__(self, bootstrap: str, topics: tuple[str, ...], after_s: float) -> None:
+        self.bootstrap = bootstrap
+        self.topics = topics
+        self.after_s = after_s
+        self._admin = AdminClient({"bootstrap.servers": bootstrap, "log_level": 2})
+        self._pinned: dict[tuple[str, int], tuple[int, float]] = {}  # -> (stable offset, since)
+
+    def check(self, partitions: list[int]) -> list[tuple[str, int, int, Finding]]:
+        """-> (topic, partition, stuck offset, finding) of each partition found pinned."""
+        wanted = [TopicPartition(topic, p) for topic in self.topics for p in partitions]
+        if not wanted:
+            self._pinned.clear()
+            return []
+        stable = self._offsets(wanted, IsolationLevel.READ_COMMITTED)
+        high = self._offsets(wanted, IsolationLevel.READ_UNCOMMITTED)
+        now = time.monotonic()
+        self._pinned = {key: seen for key, seen in self._pinned.items() if key in stable}
+        findings = []
+        for key, offset in stable.items():
+            if key not in high or offset >= high[key]:
+                self._pinned.pop(key, None)
+                continue
+            seen = self._pinned.get(key)
+            if seen is None or seen[0] != offset:
+                self._pinned[key] = (offset, now)
+            elif now - seen[1] >= self.after_s:
+                findings.append((*key, offset, abort_if_hanging(self.bootstrap, key[0], key[1], offset)))
+                self._pinned[key] = (offset, now)  # checked again a whole window later
+        return findings
+
+    def _offsets(self, wanted: list[TopicPartition], isolation: IsolationLevel) -> dict[tuple[str, int], int]:
+        futures = self._admin.list_offsets({tp: OffsetSpec.latest() for tp in wanted},
+                                           isolation_level=isolation, request_timeout=_TIMEOUT_S)
+        offsets = {}
+        for tp, future in futures.items():
+            try:
+                offsets[(tp.topic, tp.partition)] = future.result().offset
+            except Exception:  # noqa: BLE001 — a partition without a leader now: next time
+                pass
+        return offsets

@@ -64,6 +64,9 @@ class Settings:
     # every few seconds): a takeover replays only the log's tail, at the cost of every
     # worker replaying the whole log.
     standby: bool = field(default_factory=lambda: _flag("STREAMLEDGER_STANDBY"))
+    # A log partition of this worker whose last stable offset has not moved for this long,
+    # below its high watermark, is checked for a hanging transaction (streams/hanging.py).
+    hanging_transaction_s: float = field(default_factory=lambda: float(_env("STREAMLEDGER_HANGING_TRANSACTION_S", "60")))
     session_timeout_ms: int = field(default_factory=lambda: int(_env("STREAMLEDGER_SESSION_TIMEOUT_MS", "10000")))
     # A worker told to stop (SIGTERM, Ctrl-C) exits after this long even if its shutdown
     # has not finished (e.g. the broker is gone).

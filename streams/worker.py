@@ -22,12 +22,13 @@ from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaError, KafkaExcepti
 from faust.types import TP
 
 from streams import metrics
+from streams.hanging import StableOffsetWatch
 from streams.logs import exit_process
 from streams.processor import (
     Applied, BatchResult, PartitionProcessor, log_native_status, log_watermarks, watermark_probe, weight,
 )
 from streams.settings import Settings
-from streams.topics import REQUESTS
+from streams.topics import COMMITTED, REJECTED, REPLIES, REQUESTS
 from streams.writer import Fenced, GroupMoved, Writer, group_metadata
 
 log = logging.getLogger("streamledger.worker")
@@ -666,6 +667,26 @@ def create_app(settings: Settings | None = None) -> faust.App:
                 # or retried). Crash now: the restarted worker recovers from the log and
                 # reads the requests after the last committed offsets again.
                 exit_process(log, "unexpected failure applying a round; exiting", exc_info=True)
+
+    @app.task
+    async def watch_stable_offsets() -> None:
+        """The logs of this worker's partitions, for a transaction no coordinator ends."""
+        loop = asyncio.get_running_loop()
+        watch = StableOffsetWatch(settings.bootstrap_servers, (COMMITTED, REJECTED, REPLIES),
+                                  settings.hanging_transaction_s)
+        while not worker.closing:
+            await asyncio.sleep(max(0.5, settings.hanging_transaction_s / 4))
+            try:
+                findings = await loop.run_in_executor(None, watch.check, sorted(fetcher.assigned))
+            except Exception as error:  # noqa: BLE001 — the broker away: next time
+                log.info("checking the logs' stable offsets failed (%s)", error)
+                continue
+            for topic, partition, at, finding in findings:
+                log.warning("%s[%d] stuck at %d for %.0fs: %s", topic, partition, at, settings.hanging_transaction_s,
+                            finding.description, extra={"partition": partition, "topic": topic, "at": at,
+                                                        "aborted": finding.aborted})
+                if finding.aborted:
+                    metrics.hanging_transactions_aborted.inc()
 
     if settings.standby:
         app.task(worker.keep_standbys)

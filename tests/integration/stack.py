@@ -66,6 +66,7 @@ class Stack:
             "STREAMLEDGER_REPLY_TIMEOUT_MS": "20000",
             "STREAMLEDGER_ROCKSDB_BLOCK_CACHE_MB": "8",
             "STREAMLEDGER_ROCKSDB_WRITE_BUFFER_MB": "4",
+            "STREAMLEDGER_HANGING_TRANSACTION_S": "4",  # tests/integration/test_hanging.py
         }
         self._first_worker_port = first_worker_port
 

@@ -5,8 +5,9 @@ append the coordinator never registered. With the broker's partition verificatio
 a moment, a raw Produce of a transactional batch under a producer id that its coordinator
 holds in no transaction lands on the partition and pins its last stable offset forever.
 A catch-up stuck on it finds it and aborts it (`streams.hanging`), then replays what was
-committed after it. A transaction its coordinator still holds open on the partition is
-left alone.
+committed after it; so does a running worker whose own partition's log it pins (the
+gateway's replies wait behind it). A transaction its coordinator still holds open on the
+partition is left alone.
 
 Own topic names (uuid), so the suite's worker never sees these records.
 """
@@ -30,7 +31,8 @@ from ledger.state import LEDGER, MemoryStore, Overlay
 from streams import codecs, hanging
 from streams.processor import PartitionProcessor, watermark_probe
 from streams.settings import Settings
-from streams.topics import producer_config
+from streams.topics import COMMITTED, partition_for, producer_config
+from tests.integration.stack import http
 
 pytestmark = pytest.mark.integration
 
@@ -40,9 +42,13 @@ def _entry(ledger: str) -> bytes:
 
 
 def _leader(bootstrap: str, topic: str) -> tuple[str, int]:
+    return _leader_of(bootstrap, topic, 0)
+
+
+def _leader_of(bootstrap: str, topic: str, partition: int) -> tuple[str, int]:
     admin = AdminClient({"bootstrap.servers": bootstrap})
     metadata = admin.list_topics(topic, timeout=10)
-    broker = metadata.brokers[metadata.topics[topic].partitions[0].leader]
+    broker = metadata.brokers[metadata.topics[topic].partitions[partition].leader]
     return broker.host, broker.port
 
 
@@ -71,7 +77,8 @@ def _init_producer_id(address: tuple[str, int], transactional_id: str) -> tuple[
         time.sleep(0.2)
 
 
-def _produce_unregistered(address: tuple[str, int], topic: str, transactional_id: str, value: bytes) -> None:
+def _produce_unregistered(address: tuple[str, int], topic: str, transactional_id: str, value: bytes,
+                          partition: int = 0) -> None:
     """A transactional batch appended without AddPartitionsToTxn (Produce v9, acks=-1)."""
     producer_id, epoch = _init_producer_id(address, transactional_id)
     batch = DefaultRecordBatchBuilder(magic=2, compression_type=0, is_transactional=1, producer_id=producer_id,
@@ -81,7 +88,7 @@ def _produce_unregistered(address: tuple[str, int], topic: str, transactional_id
     raw_id, raw_topic = transactional_id.encode(), topic.encode()
     body = (bytes([len(raw_id) + 1]) + raw_id + struct.pack(">hi", -1, 30_000)
             + b"\x02" + bytes([len(raw_topic) + 1]) + raw_topic
-            + b"\x02" + struct.pack(">i", 0) + hanging._uvarint(len(records) + 1) + records + b"\x00"
+            + b"\x02" + struct.pack(">i", partition) + hanging._uvarint(len(records) + 1) + records + b"\x00"
             + b"\x00" + b"\x00")
     deadline = time.monotonic() + 30
     while True:
@@ -96,6 +103,16 @@ def _produce_unregistered(address: tuple[str, int], topic: str, transactional_id
         # INVALID_TXN_STATE: verification is still on (a dynamic config takes a moment).
         assert error == 48 and time.monotonic() < deadline, f"the unregistered append was refused: error {error}"
         time.sleep(0.2)
+
+
+def _hang(bootstrap: str, topic: str, partition: int = 0) -> None:
+    """Leave a hanging transaction on `topic[partition]`."""
+    leader = _leader_of(bootstrap, topic, partition)
+    _verification(bootstrap, False)
+    try:
+        _produce_unregistered(leader, topic, f"ghost-{uuid.uuid4().hex[:8]}", _entry("never"), partition)
+    finally:
+        _verification(bootstrap, True)
 
 
 def _new_topic(bootstrap: str) -> str:
@@ -125,11 +142,7 @@ def test_a_hanging_transaction_is_aborted_and_the_catch_up_goes_on(kafka_bootstr
     leader = _leader(kafka_bootstrap, topic)
     later = Producer(producer_config(kafka_bootstrap, transactional_id=f"later-{uuid.uuid4().hex[:8]}"))
     later.init_transactions(30)  # (and the broker's transaction coordinator is up)
-    _verification(kafka_bootstrap, False)
-    try:
-        _produce_unregistered(leader, topic, f"ghost-{uuid.uuid4().hex[:8]}", _entry("never"))
-    finally:
-        _verification(kafka_bootstrap, True)
+    _hang(kafka_bootstrap, topic)
     [open_] = hanging.describe_producers(leader, topic, 0)
     assert open_.start_offset == 0
     # A later owner's transaction commits behind it: unreadable until the hanging one ends.
@@ -173,3 +186,23 @@ def test_a_transaction_its_coordinator_holds_is_left_alone(kafka_bootstrap, tmp_
         assert replayed == 1 and processor.store.get((LEDGER, "slow")) is not None
     finally:
         processor.close()
+
+
+def test_a_running_worker_aborts_a_hanging_transaction_on_its_own_log(stack):
+    """The suite's worker checks its partitions' stable offsets every second
+    (STREAMLEDGER_HANGING_TRANSACTION_S=4 in tests/integration/stack.py)."""
+    name = f"hang-{uuid.uuid4().hex[:8]}"
+    stack.create_ledger(name)
+    partition = partition_for(name.encode(), 8)
+    _hang(stack.bootstrap, COMMITTED, partition)
+    leader = _leader_of(stack.bootstrap, COMMITTED, partition)
+    assert hanging.describe_producers(leader, COMMITTED, partition), "no transaction left open"
+    # Its answer is committed behind the hanging transaction: the gateway sees it once that
+    # one is aborted (the reply timeout is 20 s; the watch needs ~4-6 s).
+    started = time.monotonic()
+    response = http("POST", f"{stack.url}/v2/{name}/transactions",
+                    {"postings": [{"source": "world", "destination": "a", "amount": 5, "asset": "USD"}]})
+    assert response.status == 200, (response.status, response.body, stack.log("w1")[-2000:])
+    assert time.monotonic() - started >= 2, "answered while the log was pinned"
+    assert hanging.describe_producers(leader, COMMITTED, partition) == []
+    assert "(hanging): aborted it" in stack.log("w1")
