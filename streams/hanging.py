@@ -48,7 +48,7 @@ class ProtocolError(Exception):
 # -- the wire: flexible (KIP-482) encodings ---------------------------------------------
 
 
-def _uvarint(n: int) -> bytes:
+def uvarint(n: int) -> bytes:
     out = bytearray()
     while True:
         byte, n = n & 0x7F, n >> 7
@@ -61,11 +61,11 @@ def _uvarint(n: int) -> bytes:
 
 def _string(text: str) -> bytes:
     raw = text.encode()
-    return _uvarint(len(raw) + 1) + raw
+    return uvarint(len(raw) + 1) + raw
 
 
 def _array(items: list[bytes]) -> bytes:
-    return _uvarint(len(items) + 1) + b"".join(items)
+    return uvarint(len(items) + 1) + b"".join(items)
 
 
 _NO_TAGS = b"\x00"
@@ -284,19 +284,21 @@ class Finding:
 
 
 def abort_if_hanging(bootstrap: str, topic: str, partition: int, stuck_at: int) -> Finding:
-    """Abort the transaction that starts at `stuck_at` on `topic[partition]` if it is
-    hanging; -> what was found (for the logs) and whether it was aborted."""
+    """Abort the transaction that keeps a read_committed reader of `topic[partition]`
+    from passing `stuck_at` (the earliest open one starting there or before: a catch-up
+    starting past it waits on it just the same) if it is hanging; -> what was found (for
+    the logs) and whether it was aborted."""
     try:
         admin = AdminClient({"bootstrap.servers": bootstrap, "log_level": 2})
         metadata = admin.list_topics(topic, timeout=_TIMEOUT_S)
         brokers = {b.id: (b.host, b.port) for b in metadata.brokers.values()}
         leader = brokers[metadata.topics[topic].partitions[partition].leader]
-        open_ = [t for t in describe_producers(leader, topic, partition) if t.start_offset == stuck_at]
+        open_ = [t for t in describe_producers(leader, topic, partition) if t.start_offset <= stuck_at]
         if not open_:
-            return Finding(False, f"no transaction open at {topic}[{partition}]@{stuck_at}")
-        found = open_[0]
+            return Finding(False, f"no transaction open at {topic}[{partition}]@{stuck_at} or before")
+        found = min(open_, key=lambda t: t.start_offset)
         what = (f"producer {found.producer_id} (epoch {found.producer_epoch}) has a transaction open at "
-                f"{topic}[{partition}]@{stuck_at}")
+                f"{topic}[{partition}]@{found.start_offset}")
         holding = [v for v in coordinator_views(sorted(brokers.values()), found.producer_id)
                    if v.state in _UNRESOLVED and (topic, partition) in v.partitions]
         if holding:

@@ -1,10 +1,8 @@
 """A hanging transaction on a ledger log: found and aborted, and only when it is hanging.
 
-A hanging transaction is made the way KIP-890 describes them arising: a transactional
-append the coordinator never registered. With the broker's partition verification off for
-a moment, a raw Produce of a transactional batch under a producer id that its coordinator
-holds in no transaction lands on the partition and pins its last stable offset forever.
-A catch-up stuck on it finds it and aborts it (`streams.hanging`), then replays what was
+A hanging transaction is made as KIP-890 describes them arising (`bench._hanging`): a
+transactional append its coordinator never registered, which pins the partition's last
+stable offset forever. A catch-up stuck on it finds it and aborts it (`streams.hanging`), then replays what was
 committed after it; so does a running worker whose own partition's log it pins (the
 gateway's replies wait behind it). A transaction its coordinator still holds open on the
 partition is left alone.
@@ -15,16 +13,15 @@ Own topic names (uuid), so the suite's worker never sees these records.
 from __future__ import annotations
 
 import dataclasses
-import struct
 import time
 import uuid
 
 import pytest
-from aiokafka.record.default_records import DefaultRecordBatchBuilder
 from confluent_kafka import Producer, TopicPartition
-from confluent_kafka.admin import AdminClient, AlterConfigOpType, ConfigEntry, ConfigResource, NewTopic
+from confluent_kafka.admin import AdminClient, NewTopic
 
 import streams.processor as processor_module
+from bench._hanging import hang, leader_of
 from ledger.commands import CreateLedger, Request
 from ledger.machine import execute
 from ledger.state import LEDGER, MemoryStore, Overlay
@@ -42,77 +39,11 @@ def _entry(ledger: str) -> bytes:
 
 
 def _leader(bootstrap: str, topic: str) -> tuple[str, int]:
-    return _leader_of(bootstrap, topic, 0)
-
-
-def _leader_of(bootstrap: str, topic: str, partition: int) -> tuple[str, int]:
-    admin = AdminClient({"bootstrap.servers": bootstrap})
-    metadata = admin.list_topics(topic, timeout=10)
-    broker = metadata.brokers[metadata.topics[topic].partitions[partition].leader]
-    return broker.host, broker.port
-
-
-def _verification(bootstrap: str, enabled: bool) -> None:
-    admin = AdminClient({"bootstrap.servers": bootstrap})
-    broker = str(next(iter(admin.list_topics(timeout=10).brokers)))
-    resource = ConfigResource(ConfigResource.Type.BROKER, broker, incremental_configs=[ConfigEntry(
-        "transaction.partition.verification.enable", str(enabled).lower(),
-        incremental_operation=AlterConfigOpType.SET)])
-    for future in admin.incremental_alter_configs([resource]).values():
-        future.result(30)  # (while `admin` lives: its futures die with it)
-
-
-def _init_producer_id(address: tuple[str, int], transactional_id: str) -> tuple[int, int]:
-    """InitProducerId v3 for `transactional_id`: its coordinator then holds it, Empty."""
-    raw = transactional_id.encode()
-    body = bytes([len(raw) + 1]) + raw + struct.pack(">iqh", 60_000, -1, -1) + b"\x00"
-    deadline = time.monotonic() + 30
-    while True:
-        reader = hanging.request(address, (22, 3), body)
-        reader.int32()
-        error, producer_id, epoch = reader.int16(), reader.int64(), reader.int16()
-        if error == 0:
-            return producer_id, epoch
-        assert error in (15, 16, 51) and time.monotonic() < deadline, f"InitProducerId: error {error}"  # (loading)
-        time.sleep(0.2)
-
-
-def _produce_unregistered(address: tuple[str, int], topic: str, transactional_id: str, value: bytes,
-                          partition: int = 0) -> None:
-    """A transactional batch appended without AddPartitionsToTxn (Produce v9, acks=-1)."""
-    producer_id, epoch = _init_producer_id(address, transactional_id)
-    batch = DefaultRecordBatchBuilder(magic=2, compression_type=0, is_transactional=1, producer_id=producer_id,
-                                      producer_epoch=epoch, base_sequence=0, batch_size=1 << 20)
-    batch.append(0, timestamp=None, key=b"hanging", value=value, headers=[])
-    records = bytes(batch.build())
-    raw_id, raw_topic = transactional_id.encode(), topic.encode()
-    body = (bytes([len(raw_id) + 1]) + raw_id + struct.pack(">hi", -1, 30_000)
-            + b"\x02" + bytes([len(raw_topic) + 1]) + raw_topic
-            + b"\x02" + struct.pack(">i", partition) + hanging._uvarint(len(records) + 1) + records + b"\x00"
-            + b"\x00" + b"\x00")
-    deadline = time.monotonic() + 30
-    while True:
-        reader = hanging.request(address, (0, 9), body)
-        reader.uvarint()  # one topic
-        reader.string()
-        reader.uvarint()  # one partition
-        reader.int32()
-        error = reader.int16()
-        if error == 0:
-            return
-        # INVALID_TXN_STATE: verification is still on (a dynamic config takes a moment).
-        assert error == 48 and time.monotonic() < deadline, f"the unregistered append was refused: error {error}"
-        time.sleep(0.2)
+    return leader_of(bootstrap, topic, 0)
 
 
 def _hang(bootstrap: str, topic: str, partition: int = 0) -> None:
-    """Leave a hanging transaction on `topic[partition]`."""
-    leader = _leader_of(bootstrap, topic, partition)
-    _verification(bootstrap, False)
-    try:
-        _produce_unregistered(leader, topic, f"ghost-{uuid.uuid4().hex[:8]}", _entry("never"), partition)
-    finally:
-        _verification(bootstrap, True)
+    hang(bootstrap, topic, partition, _entry("never"))
 
 
 def _new_topic(bootstrap: str) -> str:
@@ -123,7 +54,7 @@ def _new_topic(bootstrap: str) -> str:
     return topic
 
 
-def _catch_up(settings: Settings, topic: str) -> tuple[PartitionProcessor, int]:
+def _catch_up(settings: Settings, topic: str, position: int | None = None) -> tuple[PartitionProcessor, int]:
     probe = watermark_probe(settings)
     try:
         low, high = probe.get_watermark_offsets(TopicPartition(topic, 0), timeout=10, cached=False)
@@ -131,13 +62,18 @@ def _catch_up(settings: Settings, topic: str) -> tuple[PartitionProcessor, int]:
         probe.close()
     processor = PartitionProcessor(settings, 0)
     try:
+        if position is not None:  # as if it had applied what comes before itself
+            processor.store.commit([], {topic: position})
         return processor, processor._catch_up(topic, low, high)
     except BaseException:
         processor.close()
         raise
 
 
-def test_a_hanging_transaction_is_aborted_and_the_catch_up_goes_on(kafka_bootstrap, tmp_path, monkeypatch):
+@pytest.mark.parametrize("store_at", ["before", "past"])
+def test_a_hanging_transaction_is_aborted_and_the_catch_up_goes_on(kafka_bootstrap, tmp_path, monkeypatch, store_at):
+    """The store recorded a position before the hanging transaction, or past it (its
+    owner applied what it wrote after it: the reader waits on it all the same)."""
     topic = _new_topic(kafka_bootstrap)
     leader = _leader(kafka_bootstrap, topic)
     later = Producer(producer_config(kafka_bootstrap, transactional_id=f"later-{uuid.uuid4().hex[:8]}"))
@@ -145,17 +81,19 @@ def test_a_hanging_transaction_is_aborted_and_the_catch_up_goes_on(kafka_bootstr
     _hang(kafka_bootstrap, topic)
     [open_] = hanging.describe_producers(leader, topic, 0)
     assert open_.start_offset == 0
-    # A later owner's transaction commits behind it: unreadable until the hanging one ends.
-    later.begin_transaction()
-    later.produce(topic, _entry("after"), b"after", partition=0)
-    later.commit_transaction(30)
+    # Later owners' transactions commit behind it: unreadable until the hanging one ends.
+    for name in ("applied", "after"):
+        later.begin_transaction()
+        later.produce(topic, _entry(name), name.encode(), partition=0)
+        later.commit_transaction(30)  # at 1 and 3, their markers at 2 and 4
 
     monkeypatch.setattr(processor_module, "_REPLAY_STALL_SECONDS", 2)
     settings = dataclasses.replace(Settings(), bootstrap_servers=kafka_bootstrap, data_dir=tmp_path)
-    processor, replayed = _catch_up(settings, topic)
+    processor, replayed = _catch_up(settings, topic, position=2 if store_at == "past" else None)
     try:
-        assert replayed == 1
+        assert replayed == (1 if store_at == "past" else 2)
         assert processor.store.get((LEDGER, "after")) is not None
+        assert (processor.store.get((LEDGER, "applied")) is None) == (store_at == "past")
         assert processor.store.get((LEDGER, "never")) is None
         assert hanging.describe_producers(leader, topic, 0) == []
     finally:
@@ -195,7 +133,7 @@ def test_a_running_worker_aborts_a_hanging_transaction_on_its_own_log(stack):
     stack.create_ledger(name)
     partition = partition_for(name.encode(), 8)
     _hang(stack.bootstrap, COMMITTED, partition)
-    leader = _leader_of(stack.bootstrap, COMMITTED, partition)
+    leader = leader_of(stack.bootstrap, COMMITTED, partition)
     assert hanging.describe_producers(leader, COMMITTED, partition), "no transaction left open"
     # Its answer is committed behind the hanging transaction: the gateway sees it once that
     # one is aborted (the reply timeout is 20 s; the watch needs ~4-6 s).
