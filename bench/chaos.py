@@ -4,7 +4,9 @@ Starts its own Kafka (temp dir), the ledger topics, two workers in one consumer 
 the gateway; creates the ledgers; produces a paced, seeded stream of request batches
 straight to `ledger.requests` (valid transfers, overdrafts, duplicate references, and
 redelivered request ids — re-sent in the same or a later batch); meanwhile it kill -9s a
-random worker every few seconds and restarts it, and restarts the broker once. When every
+random worker every few seconds and restarts it, restarts the broker once, and leaves one
+hanging transaction on a log partition (`bench/_hanging.py`: the failure seed 73 once met,
+which the workers must find and abort). When every
 distinct request id has an outcome (or after a bounded wait), `bench/verify_log.py` reads
 the output topics and the served balances and judges. The last line printed is one JSON
 verdict; the exit code is 1 when it is not ok.
@@ -41,7 +43,9 @@ if str(ROOT) not in sys.path:
 from bench.verify_log import COMMITTED, REJECTED, verify  # noqa: E402
 from ledger.commands import CreateLedger, CreateTransaction, Request  # noqa: E402
 from ledger.model import Posting  # noqa: E402
-from streams.codecs import encode_requests  # noqa: E402
+from ledger.machine import execute  # noqa: E402
+from ledger.state import MemoryStore, Overlay  # noqa: E402
+from streams.codecs import encode_log_entry, encode_requests  # noqa: E402
 from streams.topics import REQUESTS, ensure_topics, producer_config  # noqa: E402
 
 ASSETS = ("USD/2", "EUR/2", "COIN")
@@ -426,6 +430,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--broker-restart-mode", choices=("kill", "graceful"), default="kill")
     parser.add_argument("--rate", type=float, default=0, help="requests/s (default: paced so production "
                         "spans the kill schedule)")
+    parser.add_argument("--hanging-transactions", type=int, default=1, choices=(0, 1),
+                        help="leave a hanging transaction on a random ledger.committed partition")
     parser.add_argument("--batch-max", type=int, default=40, help="requests per wire batch, at most")
     parser.add_argument("--partitions", type=int, default=8)
     parser.add_argument("--seed", type=int, default=1)
@@ -436,6 +442,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     if args.small:
         args.requests, args.kills, args.kill_interval, args.accounts = 3_000, 2, 5.0, 200
         args.batch_max = min(args.batch_max, 20)
+        args.hanging_transactions = 0  # its detection alone takes a minute; tests/integration/test_hanging.py
     return args
 
 
@@ -495,6 +502,9 @@ def main(argv: list[str] | None = None) -> int:
         next_kill = t0 + args.kill_interval * krng.uniform(0.6, 1.4)
         restarts_due: dict[str, float] = {}
         broker_at = krng.uniform(0.35, 0.6) * args.requests if args.broker_restarts else None
+        hrng = random.Random(args.seed * 31 + 5)  # (its own: a seed's kill schedule stays as it was)
+        hang_at = hrng.uniform(0.1, 0.3) * args.requests if args.hanging_transactions else None
+        hanging: list = []
         next_progress = t0
         producing.start()
         expected_dead: set[str] = set()
@@ -527,6 +537,12 @@ def main(argv: list[str] | None = None) -> int:
                 kafka.restart(graceful=args.broker_restart_mode == "graceful")
                 broker_restarts += 1
                 say(f"[{time.monotonic() - t0:6.1f}s] broker back after {time.monotonic() - now:.1f}s")
+            if hang_at is not None and producing.sent_requests >= hang_at:
+                hang_at = None
+                partition = hrng.randrange(args.partitions)
+                say(f"[{now - t0:6.1f}s] leaving a hanging transaction on {COMMITTED}[{partition}]")
+                hanging.append(threading.Thread(target=_hang, args=(bootstrap, partition, incidents), daemon=True))
+                hanging[-1].start()
             _watch(processes, expected_dead, incidents, t0)
             if now >= next_progress:
                 next_progress = now + 5
@@ -552,6 +568,11 @@ def main(argv: list[str] | None = None) -> int:
             f"{waited:.1f}s after production ended")
         outcomes.stop.set()
 
+        for thread in hanging:
+            thread.join(60)
+        aborted = sum(_count_in_logs(tmp, "(hanging): aborted it").values())
+        if hanging and not aborted:
+            incidents.append({"kind": "hanging_transaction_not_aborted"})
         _wait_for_query_views(processes, stream.ledgers[0])
         verdict = verify(bootstrap, processes.url, set(stream.distinct), partitions=args.partitions, log=say)
         for incident in incidents:
@@ -564,6 +585,7 @@ def main(argv: list[str] | None = None) -> int:
             "failed_deliveries_resent": producing.resent_records, "produce_s": round(produce_s, 1),
             "outcome_wait_s": round(waited, 1), "kills": kill_log,
             "worker_log_tracebacks": _count_in_logs(tmp, "Traceback"),
+            "hanging_transactions": {"left": len(hanging), "aborted": aborted},
             "recoveries_replaying_log": _recoveries(tmp),
         })
         verdict = {"ok": verdict["ok"], "requests": producing.sent_requests,
@@ -667,6 +689,16 @@ def _wait_for_query_views(processes: Processes, ledger: str, timeout: float = 12
         except OSError:
             pass
         time.sleep(0.5)
+
+
+def _hang(bootstrap: str, partition: int, incidents: list) -> None:
+    from bench._hanging import hang
+
+    never = execute(Overlay(MemoryStore()), Request("c-never", "never-hanging", CreateLedger()), 1).entry
+    try:
+        hang(bootstrap, COMMITTED, partition, encode_log_entry(never))
+    except Exception as error:  # noqa: BLE001 — the run cannot show what it should
+        incidents.append({"kind": "hanging_transaction_not_left", "error": f"{type(error).__name__}: {error}"})
 
 
 def _recoveries(tmp: Path) -> dict:
