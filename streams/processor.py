@@ -51,6 +51,12 @@ _RECOVERIES = threading.BoundedSemaphore(1)
 # transaction still open then is checked for hanging (`streams.hanging`) first.
 _REPLAY_STALL_SECONDS = 60
 
+
+
+class CatchUpCancelled(Exception):
+    """The partition was released (revoked, the worker closing) while it caught up."""
+
+
 # The rejection code of a record on ledger.requests that is not a request batch at all.
 INVALID_RECORD = "INVALID_RECORD"
 
@@ -115,6 +121,7 @@ class PartitionProcessor:
         self._closed = False
         self._flushed_at = float("-inf")  # when `flush_store` last persisted the memtables
         self.recovered_entries = 0
+        self._cancelled: threading.Event | None = None  # set: stop catching up (see `open`)
         # The writer epoch this store last caught up in (see `Writer.epoch`).
         self.epoch = 0
         # The high watermark each topic was last caught up to: the same high again means
@@ -124,15 +131,21 @@ class PartitionProcessor:
 
     # -- lifecycle -------------------------------------------------------------------
 
-    def open(self, epoch: int = 0) -> None:
+    def open(self, epoch: int = 0, cancelled: threading.Event | None = None) -> None:
         """Catch the store up from the log before anything is applied.
 
         Reads ledger.committed and ledger.rejected (read_committed) from the positions the
         store recorded to their high watermarks, and projects what the store does not
         reflect yet; a transaction still open on them (a previous owner's) is waited for.
+        Raises CatchUpCancelled soon after `cancelled` is set: a revocation waits for the
+        partition, and with it the whole group's rebalance.
         """
         started = time.monotonic()
-        self.catch_up(epoch)
+        self._cancelled = cancelled
+        try:
+            self.catch_up(epoch)
+        finally:
+            self._cancelled = None
         seconds = time.monotonic() - started
         log.info(
             "partition %d ready: replayed %d log records in %.2fs",
@@ -214,12 +227,20 @@ class PartitionProcessor:
         label = str(self.partition)
         metrics.recovering.labels(label).set(1)
         try:
-            with _RECOVERIES:
+            while not _RECOVERIES.acquire(timeout=0.1):  # (one at a time: see _RECOVERIES)
+                self._check_cancelled()
+            try:
                 for topic in moved:
                     replayed += self._catch_up(topic, *watermarks[topic])
+            finally:
+                _RECOVERIES.release()
         finally:
             metrics.recovering.labels(label).set(0)
         return replayed
+
+    def _check_cancelled(self) -> None:
+        if self._cancelled is not None and self._cancelled.is_set():
+            raise CatchUpCancelled(f"partition {self.partition} released while catching up")
 
     def _catch_up(self, topic: str, low: int, high: int) -> int:
         """Replay `topic` from the store's recorded position to its high watermark.
@@ -256,6 +277,7 @@ class PartitionProcessor:
             progress_at, last_fetched = time.monotonic(), -1
             aborted_at: set[int] = set()  # where a hanging transaction was aborted
             while True:
+                self._check_cancelled()
                 for message in consumer.consume(200, timeout=0.05):
                     error = message.error()
                     if error is not None:

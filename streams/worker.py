@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 
@@ -25,7 +26,7 @@ from streams import metrics
 from streams.hanging import StableOffsetWatch
 from streams.logs import exit_process
 from streams.processor import (
-    Applied, BatchResult, PartitionProcessor, log_native_status, log_watermarks, watermark_probe, weight,
+    Applied, BatchResult, CatchUpCancelled, PartitionProcessor, log_native_status, log_watermarks, watermark_probe, weight,
 )
 from streams.settings import Settings
 from streams.topics import COMMITTED, REJECTED, REPLIES, REQUESTS
@@ -168,6 +169,8 @@ class Worker:
         self.started = False  # has the group ever assigned us partitions?
         self.closing = False  # close() has begun: nothing new is opened
         self._locks: dict[int, asyncio.Lock] = {}
+        # Partitions catching up right now (`_open`), each with the event that stops it.
+        self._opening: dict[int, threading.Event] = {}
         self.writer = Writer(settings.bootstrap_servers, f"{settings.app_id}-worker-{settings.worker_id}")
         self.fetcher: RequestFetcher | None = None  # set by create_app (tests drive process())
         # Rounds run one at a time; recoveries of newly assigned partitions beside them.
@@ -219,11 +222,17 @@ class Worker:
 
     def _open(self, partition: int, processor: PartitionProcessor | None = None) -> PartitionProcessor:
         processor = processor or PartitionProcessor(self.settings, partition)
+        cancelled = self._opening[partition] = threading.Event()
         try:
-            processor.open(self.writer.epoch)
-        except BaseException:
+            processor.open(self.writer.epoch, cancelled)
+        except BaseException as error:
             processor.close()  # release the RocksDB lock so a retry can open it again
+            if isinstance(error, CatchUpCancelled):
+                raise NotOwned(str(error)) from None
             raise
+        finally:
+            if self._opening.get(partition) is cancelled:
+                del self._opening[partition]
         metrics.recovered_records.labels(str(partition)).set(processor.recovered_entries)
         return processor
 
@@ -235,7 +244,12 @@ class Worker:
 
     async def release(self, partition: int) -> None:
         """Stop fetching a partition and close its processor once no open or round of it
-        is running."""
+        is running; a catch-up of it (an open) is stopped, not waited out: the group's
+        rebalance waits for this (a catch-up held by an open transaction once stalled
+        every partition of the group for a minute)."""
+        catching_up = self._opening.get(partition)
+        if catching_up is not None:
+            catching_up.set()
         async with self._lock(partition):
             # (Un)assignments of a partition happen under its lock: no hop to the fetch
             # thread, which may be waiting out a take, for a partition it does not fetch.

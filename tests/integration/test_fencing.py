@@ -26,7 +26,7 @@ from ledger.commands import CreateLedger, Request
 from ledger.machine import execute
 from ledger.state import LEDGER, MemoryStore, Overlay
 from streams import codecs
-from streams.processor import PartitionProcessor, watermark_probe
+from streams.processor import CatchUpCancelled, PartitionProcessor, watermark_probe
 from streams.settings import Settings
 from streams.topics import producer_config
 from streams.writer import Emission, GroupMoved, Writer
@@ -195,4 +195,49 @@ def test_catch_up_waits_for_a_transaction_left_open(kafka_bootstrap, tmp_path, r
             assert processor.store.get((LEDGER, "fenced")) is None
     finally:
         resolver.join()
+        processor.close()
+
+
+def test_a_catch_up_waiting_on_an_open_transaction_stops_when_released(kafka_bootstrap, tmp_path):
+    """A revocation does not wait out a catch-up held by an open transaction (up to a
+    minute): the group's whole rebalance would wait with it."""
+    topic = f"fence-log-{uuid.uuid4().hex[:8]}"
+    _topics(kafka_bootstrap, topic)
+    entry = execute(Overlay(MemoryStore()), Request("c-1", "held", CreateLedger()), 1).entry
+    owner = Producer(producer_config(kafka_bootstrap, transactional_id=f"held-{uuid.uuid4().hex[:8]}"))
+    owner.init_transactions(30)
+    owner.begin_transaction()
+    owner.produce(topic, codecs.encode_log_entry(entry), b"held", partition=0)
+    assert owner.flush(30) == 0  # open on the leader until the test aborts it
+
+    settings = dataclasses.replace(Settings(), bootstrap_servers=kafka_bootstrap, data_dir=tmp_path)
+    processor = PartitionProcessor(settings, 0)
+    cancelled = threading.Event()
+    outcome: list[BaseException | int] = []
+
+    def catch_up() -> None:
+        processor._cancelled = cancelled  # as `open(epoch, cancelled)` sets it
+        probe = watermark_probe(settings)
+        try:
+            low, high = probe.get_watermark_offsets(TopicPartition(topic, 0), timeout=10, cached=False)
+        finally:
+            probe.close()
+        try:
+            outcome.append(processor._catch_up(topic, low, high))
+        except BaseException as error:  # noqa: BLE001 — what the test looks at
+            outcome.append(error)
+
+    catching_up = threading.Thread(target=catch_up)
+    try:
+        catching_up.start()
+        time.sleep(2)
+        assert not outcome, f"the catch-up overtook an open transaction: {outcome}"
+        released = time.monotonic()
+        cancelled.set()
+        catching_up.join(10)
+        assert not catching_up.is_alive() and time.monotonic() - released < 2
+        assert len(outcome) == 1 and isinstance(outcome[0], CatchUpCancelled), outcome
+    finally:
+        owner.abort_transaction(30)
+        catching_up.join(10)
         processor.close()
