@@ -154,16 +154,23 @@ def _close_within(consumer: Consumer, seconds: float) -> None:
     closer.join(seconds)
 
 
+def _left_open(bootstrap: str, ledger: str) -> tuple[str, Producer]:
+    """A new topic with a transaction open on it (a ledger's creation, flushed to the
+    leader, not committed), and the producer holding it."""
+    topic = f"fence-log-{uuid.uuid4().hex[:8]}"
+    _topics(bootstrap, topic)
+    entry = execute(Overlay(MemoryStore()), Request("c-1", ledger, CreateLedger()), 1).entry
+    producer = Producer(producer_config(bootstrap, transactional_id=f"{ledger}-{uuid.uuid4().hex[:8]}"))
+    producer.init_transactions(30)
+    producer.begin_transaction()
+    producer.produce(topic, codecs.encode_log_entry(entry), ledger.encode(), partition=0)
+    assert producer.flush(30) == 0  # on the leader, the transaction still open
+    return topic, producer
+
+
 @pytest.mark.parametrize("resolution", ["commit", "abort"])
 def test_catch_up_waits_for_a_transaction_left_open(kafka_bootstrap, tmp_path, resolution):
-    topic = f"fence-log-{uuid.uuid4().hex[:8]}"
-    _topics(kafka_bootstrap, topic)
-    entry = execute(Overlay(MemoryStore()), Request("c-1", "fenced", CreateLedger()), 1).entry
-    previous_owner = Producer(producer_config(kafka_bootstrap, transactional_id=f"prev-{uuid.uuid4().hex[:8]}"))
-    previous_owner.init_transactions(30)
-    previous_owner.begin_transaction()
-    previous_owner.produce(topic, codecs.encode_log_entry(entry), b"fenced", partition=0)
-    assert previous_owner.flush(30) == 0  # on the leader, transaction still open
+    topic, previous_owner = _left_open(kafka_bootstrap, "fenced")
     delay = 3.0
 
     def resolve() -> None:
@@ -201,14 +208,7 @@ def test_catch_up_waits_for_a_transaction_left_open(kafka_bootstrap, tmp_path, r
 def test_a_catch_up_waiting_on_an_open_transaction_stops_when_released(kafka_bootstrap, tmp_path):
     """A revocation does not wait out a catch-up held by an open transaction (up to a
     minute): the group's whole rebalance would wait with it."""
-    topic = f"fence-log-{uuid.uuid4().hex[:8]}"
-    _topics(kafka_bootstrap, topic)
-    entry = execute(Overlay(MemoryStore()), Request("c-1", "held", CreateLedger()), 1).entry
-    owner = Producer(producer_config(kafka_bootstrap, transactional_id=f"held-{uuid.uuid4().hex[:8]}"))
-    owner.init_transactions(30)
-    owner.begin_transaction()
-    owner.produce(topic, codecs.encode_log_entry(entry), b"held", partition=0)
-    assert owner.flush(30) == 0  # open on the leader until the test aborts it
+    topic, owner = _left_open(kafka_bootstrap, "held")  # until the test aborts it
 
     settings = dataclasses.replace(Settings(), bootstrap_servers=kafka_bootstrap, data_dir=tmp_path)
     processor = PartitionProcessor(settings, 0)
