@@ -52,7 +52,6 @@ _RECOVERIES = threading.BoundedSemaphore(1)
 _REPLAY_STALL_SECONDS = 60
 
 
-
 class CatchUpCancelled(Exception):
     """The partition was released (revoked, the worker closing) while it caught up."""
 
