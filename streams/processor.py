@@ -48,7 +48,8 @@ _REPLAY_COMMIT_WEIGHT = 10_000
 _RECOVERIES = threading.BoundedSemaphore(1)
 # Recovery gives up (and is retried) when the log's end does not come closer for this long:
 # e.g. a transaction of a dead worker stays open until the broker aborts it (15 s). A
-# transaction still open then is checked for hanging (`streams.hanging`) first.
+# transaction still open after STREAMLEDGER_HANGING_TRANSACTION_S is checked for hanging
+# (`streams.hanging`) before that.
 _REPLAY_STALL_SECONDS = 60
 
 
@@ -274,7 +275,9 @@ class PartitionProcessor:
             position = start
             pending = 0
             progress_at, last_fetched = time.monotonic(), -1
-            aborted_at: set[int] = set()  # where a hanging transaction was aborted
+            checked_at: set[int] = set()  # where it was checked for a hanging transaction
+            check_after = min(self.settings.hanging_transaction_s, _REPLAY_STALL_SECONDS / 2)
+            finding: hanging.Finding | None = None
             while True:
                 self._check_cancelled()
                 for message in consumer.consume(200, timeout=0.05):
@@ -302,29 +305,29 @@ class PartitionProcessor:
                 now = time.monotonic()
                 if fetched != last_fetched:
                     progress_at, last_fetched = now, fetched
-                elif now - progress_at > _REPLAY_STALL_SECONDS:
+                    continue
+                at = fetched if fetched >= 0 else max(start, low)  # (nothing fetched yet: no position)
+                if now - progress_at > check_after and at not in checked_at:
                     # A transaction that no coordinator will ever end (seen once in the
                     # crash test after a kill -9 of the broker) holds the partition forever:
-                    # abort it if it is one, as `kafka-transactions.sh abort` would.
-                    at = fetched if fetched >= 0 else max(start, low)  # (nothing fetched yet: no position)
-                    if at in aborted_at:
-                        finding = hanging.Finding(False, f"still stuck at {at} after aborting the transaction there")
-                    else:
-                        finding = hanging.abort_if_hanging(self.settings.bootstrap_servers, topic, self.partition, at)
-                        log.warning("partition %d: %s", self.partition, finding.description,
-                                    extra={"partition": self.partition, "topic": topic, "at": at,
-                                           "aborted": finding.aborted})
-                        if finding.aborted:
-                            aborted_at.add(at)
-                            metrics.hanging_transactions_aborted.inc()
-                            progress_at = time.monotonic()
-                            continue
+                    # abort it if it is one, as `kafka-transactions.sh abort` would. Once
+                    # per offset: one its coordinator holds is waited for, as before.
+                    checked_at.add(at)
+                    finding = hanging.abort_if_hanging(self.settings.bootstrap_servers, topic, self.partition, at)
+                    log.warning("partition %d: %s", self.partition, finding.description,
+                                extra={"partition": self.partition, "topic": topic, "at": at,
+                                       "aborted": finding.aborted})
+                    if finding.aborted:
+                        metrics.hanging_transactions_aborted.inc()
+                        progress_at = time.monotonic()
+                        continue
+                if now - progress_at > _REPLAY_STALL_SECONDS:
                     # Never hold the partition forever (a revocation waits for us): fail,
                     # and let the caller retry with backoff.
                     raise KafkaException(KafkaError(
                         KafkaError._TIMED_OUT,
                         f"recovery of {topic}[{self.partition}] made no progress for {_REPLAY_STALL_SECONDS}s "
-                        f"(at {fetched}, end {high}): {finding.description}",
+                        f"(at {fetched}, end {high}): {finding.description if finding else 'not checked'}",
                     ))
             self._commit_overlay(overlay, {topic: max(position, start)})
             metrics.recovery_replayed.labels(label).set(count)

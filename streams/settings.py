@@ -65,8 +65,10 @@ class Settings:
     # worker replaying the whole log.
     standby: bool = field(default_factory=lambda: _flag("STREAMLEDGER_STANDBY"))
     # A log partition of this worker whose last stable offset has not moved for this long,
-    # below its high watermark, is checked for a hanging transaction (streams/hanging.py).
-    hanging_transaction_s: float = field(default_factory=lambda: float(_env("STREAMLEDGER_HANGING_TRANSACTION_S", "60")))
+    # below its high watermark (or a catch-up that has not), is checked for a hanging
+    # transaction (streams/hanging.py). Past the broker's abort of a dead worker's
+    # transaction (15 s, checked every 10 s), so the check rarely finds one still held.
+    hanging_transaction_s: float = field(default_factory=lambda: float(_env("STREAMLEDGER_HANGING_TRANSACTION_S", "30")))
     session_timeout_ms: int = field(default_factory=lambda: int(_env("STREAMLEDGER_SESSION_TIMEOUT_MS", "10000")))
     # A worker told to stop (SIGTERM, Ctrl-C) exits after this long even if its shutdown
     # has not finished (e.g. the broker is gone).
