@@ -16,22 +16,31 @@ import uuid
 from aiokafka.record.default_records import DefaultRecordBatchBuilder
 from confluent_kafka.admin import AdminClient, AlterConfigOpType, ConfigEntry, ConfigResource
 
-from streams import hanging
+from ledger.commands import CreateLedger, Request
+from ledger.machine import execute
+from ledger.state import MemoryStore, Overlay
+from streams import codecs, hanging
 
 
 def leader_of(bootstrap: str, topic: str, partition: int) -> tuple[str, int]:
-    admin = AdminClient({"bootstrap.servers": bootstrap, "log_level": 2})
-    metadata = admin.list_topics(topic, timeout=10)
-    broker = metadata.brokers[metadata.topics[topic].partitions[partition].leader]
-    return broker.host, broker.port
+    return hanging.cluster(bootstrap, topic, partition)[0]
 
 
-def hang(bootstrap: str, topic: str, partition: int, value: bytes) -> None:
-    """Leave a hanging transaction (one record, `value`) on `topic[partition]`."""
+# What the hanging transaction holds: the creation of a ledger that must never appear.
+NEVER = "never-hanging"
+
+
+def created(ledger: str) -> bytes:
+    """A ledger.committed record: the log entry creating `ledger`."""
+    return codecs.encode_log_entry(execute(Overlay(MemoryStore()), Request(f"c-{ledger}", ledger, CreateLedger()), 1).entry)
+
+
+def hang(bootstrap: str, topic: str, partition: int) -> None:
+    """Leave a hanging transaction on `topic[partition]`: one log entry, creating NEVER."""
     leader = leader_of(bootstrap, topic, partition)
     _verification(bootstrap, False)
     try:
-        _produce_unregistered(leader, topic, partition, f"ghost-{uuid.uuid4().hex[:8]}", value)
+        _produce_unregistered(leader, topic, partition, f"ghost-{uuid.uuid4().hex[:8]}", created(NEVER))
     finally:
         _verification(bootstrap, True)
 

@@ -43,9 +43,7 @@ if str(ROOT) not in sys.path:
 from bench.verify_log import COMMITTED, REJECTED, verify  # noqa: E402
 from ledger.commands import CreateLedger, CreateTransaction, Request  # noqa: E402
 from ledger.model import Posting  # noqa: E402
-from ledger.machine import execute  # noqa: E402
-from ledger.state import MemoryStore, Overlay  # noqa: E402
-from streams.codecs import encode_log_entry, encode_requests  # noqa: E402
+from streams.codecs import encode_requests  # noqa: E402
 from streams.topics import REQUESTS, ensure_topics, producer_config  # noqa: E402
 
 ASSETS = ("USD/2", "EUR/2", "COIN")
@@ -442,7 +440,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     if args.small:
         args.requests, args.kills, args.kill_interval, args.accounts = 3_000, 2, 5.0, 200
         args.batch_max = min(args.batch_max, 20)
-        args.hanging_transactions = 0  # its detection alone takes a minute; tests/integration/test_hanging.py
+        args.hanging_transactions = 0  # its detection alone takes half a minute; tests/integration/test_hanging.py
     return args
 
 
@@ -694,9 +692,8 @@ def _wait_for_query_views(processes: Processes, ledger: str, timeout: float = 12
 def _hang(bootstrap: str, partition: int, incidents: list) -> None:
     from bench._hanging import hang
 
-    never = execute(Overlay(MemoryStore()), Request("c-never", "never-hanging", CreateLedger()), 1).entry
     try:
-        hang(bootstrap, COMMITTED, partition, encode_log_entry(never))
+        hang(bootstrap, COMMITTED, partition)
     except Exception as error:  # noqa: BLE001 — the run cannot show what it should
         incidents.append({"kind": "hanging_transaction_not_left", "error": f"{type(error).__name__}: {error}"})
 

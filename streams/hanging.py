@@ -29,6 +29,8 @@ from dataclasses import dataclass
 from confluent_kafka import IsolationLevel, TopicPartition
 from confluent_kafka.admin import AdminClient, OffsetSpec
 
+from streams import metrics
+
 _DESCRIBE_PRODUCERS = (61, 0)
 _LIST_TRANSACTIONS = (66, 0)
 _DESCRIBE_TRANSACTIONS = (65, 0)
@@ -66,6 +68,11 @@ def _string(text: str) -> bytes:
 
 def _array(items: list[bytes]) -> bytes:
     return uvarint(len(items) + 1) + b"".join(items)
+
+
+def _one_partition(topic: str, partition: int) -> bytes:
+    """The topics array of a request about one partition: [topic, [partition]]."""
+    return _array([_string(topic) + _array([struct.pack(">i", partition)]) + _NO_TAGS])
 
 
 _NO_TAGS = b"\x00"
@@ -156,8 +163,7 @@ class OpenTransaction:
 
 def describe_producers(leader: tuple[str, int], topic: str, partition: int) -> list[OpenTransaction]:
     """The transactions open on `topic[partition]` (DescribeProducers at its leader)."""
-    body = _array([_string(topic) + _array([struct.pack(">i", partition)]) + _NO_TAGS]) + _NO_TAGS
-    reader = request(leader, _DESCRIBE_PRODUCERS, body)
+    reader = request(leader, _DESCRIBE_PRODUCERS, _one_partition(topic, partition) + _NO_TAGS)
     reader.int32()  # throttle
     found: list[OpenTransaction] = []
 
@@ -249,7 +255,7 @@ def _describe_transactions(broker: tuple[str, int], transactional_ids: list[str]
 def write_abort_marker(leader: tuple[str, int], topic: str, partition: int, open_: OpenTransaction) -> None:
     """End `open_` on `topic[partition]` with an abort marker (WriteTxnMarkers at its leader)."""
     marker = (struct.pack(">qh", open_.producer_id, open_.producer_epoch) + b"\x00"  # abort
-              + _array([_string(topic) + _array([struct.pack(">i", partition)]) + _NO_TAGS])
+              + _one_partition(topic, partition)
               + struct.pack(">i", max(open_.coordinator_epoch, 0)) + _NO_TAGS)
     reader = request(leader, _WRITE_TXN_MARKERS, _array([marker]) + _NO_TAGS)
     errors: list[int] = []
@@ -283,29 +289,35 @@ class Finding:
     description: str
 
 
+def cluster(bootstrap: str, topic: str, partition: int) -> tuple[tuple[str, int], list[tuple[str, int]]]:
+    """The (host, port) of `topic[partition]`'s leader, and of every broker."""
+    admin = AdminClient({"bootstrap.servers": bootstrap, "log_level": 2})
+    metadata = admin.list_topics(topic, timeout=_TIMEOUT_S)
+    brokers = {b.id: (b.host, b.port) for b in metadata.brokers.values()}
+    return brokers[metadata.topics[topic].partitions[partition].leader], sorted(brokers.values())
+
+
 def abort_if_hanging(bootstrap: str, topic: str, partition: int, stuck_at: int) -> Finding:
     """Abort the transaction that keeps a read_committed reader of `topic[partition]`
     from passing `stuck_at` (the earliest open one starting there or before: a catch-up
     starting past it waits on it just the same) if it is hanging; -> what was found (for
-    the logs) and whether it was aborted."""
+    the logs) and whether it was aborted (counted in the worker's metrics)."""
     try:
-        admin = AdminClient({"bootstrap.servers": bootstrap, "log_level": 2})
-        metadata = admin.list_topics(topic, timeout=_TIMEOUT_S)
-        brokers = {b.id: (b.host, b.port) for b in metadata.brokers.values()}
-        leader = brokers[metadata.topics[topic].partitions[partition].leader]
+        leader, brokers = cluster(bootstrap, topic, partition)
         open_ = [t for t in describe_producers(leader, topic, partition) if t.start_offset <= stuck_at]
         if not open_:
             return Finding(False, f"no transaction open at {topic}[{partition}]@{stuck_at} or before")
         found = min(open_, key=lambda t: t.start_offset)
         what = (f"producer {found.producer_id} (epoch {found.producer_epoch}) has a transaction open at "
                 f"{topic}[{partition}]@{found.start_offset}")
-        holding = [v for v in coordinator_views(sorted(brokers.values()), found.producer_id)
+        holding = [v for v in coordinator_views(brokers, found.producer_id)
                    if v.state in _UNRESOLVED and (topic, partition) in v.partitions]
         if holding:
             view = holding[0]
             return Finding(False, f"{what}; its coordinator still holds it ({view.transactional_id!r}: "
                                   f"{view.state}, epoch {view.producer_epoch}): left to it")
         write_abort_marker(leader, topic, partition, found)
+        metrics.hanging_transactions_aborted.inc()
         return Finding(True, f"{what} that no coordinator will ever end (hanging): aborted it")
     except Exception as error:  # noqa: BLE001 — a broker down, a request unsupported: never abort on doubt
         return Finding(False, f"could not check {topic}[{partition}]@{stuck_at} for a hanging transaction: "

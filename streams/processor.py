@@ -318,7 +318,6 @@ class PartitionProcessor:
                                 extra={"partition": self.partition, "topic": topic, "at": at,
                                        "aborted": finding.aborted})
                     if finding.aborted:
-                        metrics.hanging_transactions_aborted.inc()
                         progress_at = time.monotonic()
                         continue
                 if now - progress_at > _REPLAY_STALL_SECONDS:

@@ -699,8 +699,6 @@ def create_app(settings: Settings | None = None) -> faust.App:
                 log.warning("%s[%d] stuck at %d for %.0fs: %s", topic, partition, at, settings.hanging_transaction_s,
                             finding.description, extra={"partition": partition, "topic": topic, "at": at,
                                                         "aborted": finding.aborted})
-                if finding.aborted:
-                    metrics.hanging_transactions_aborted.inc()
 
     if settings.standby:
         app.task(worker.keep_standbys)

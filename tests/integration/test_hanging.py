@@ -21,11 +21,9 @@ from confluent_kafka import Producer, TopicPartition
 from confluent_kafka.admin import AdminClient, NewTopic
 
 import streams.processor as processor_module
-from bench._hanging import hang, leader_of
-from ledger.commands import CreateLedger, Request
-from ledger.machine import execute
-from ledger.state import LEDGER, MemoryStore, Overlay
-from streams import codecs, hanging
+from bench._hanging import NEVER, created, hang, leader_of
+from ledger.state import LEDGER
+from streams import hanging
 from streams.processor import PartitionProcessor, watermark_probe
 from streams.settings import Settings
 from streams.topics import COMMITTED, partition_for, producer_config
@@ -34,16 +32,12 @@ from tests.integration.stack import http
 pytestmark = pytest.mark.integration
 
 
-def _entry(ledger: str) -> bytes:
-    return codecs.encode_log_entry(execute(Overlay(MemoryStore()), Request(f"c-{ledger}", ledger, CreateLedger()), 1).entry)
-
-
 def _leader(bootstrap: str, topic: str) -> tuple[str, int]:
     return leader_of(bootstrap, topic, 0)
 
 
 def _hang(bootstrap: str, topic: str, partition: int = 0) -> None:
-    hang(bootstrap, topic, partition, _entry("never"))
+    hang(bootstrap, topic, partition)
 
 
 def _new_topic(bootstrap: str) -> str:
@@ -84,7 +78,7 @@ def test_a_hanging_transaction_is_aborted_and_the_catch_up_goes_on(kafka_bootstr
     # Later owners' transactions commit behind it: unreadable until the hanging one ends.
     for name in ("applied", "after"):
         later.begin_transaction()
-        later.produce(topic, _entry(name), name.encode(), partition=0)
+        later.produce(topic, created(name), name.encode(), partition=0)
         later.commit_transaction(30)  # at 1 and 3, their markers at 2 and 4
 
     monkeypatch.setattr(processor_module, "_REPLAY_STALL_SECONDS", 2)
@@ -94,7 +88,7 @@ def test_a_hanging_transaction_is_aborted_and_the_catch_up_goes_on(kafka_bootstr
         assert replayed == (1 if store_at == "past" else 2)
         assert processor.store.get((LEDGER, "after")) is not None
         assert (processor.store.get((LEDGER, "applied")) is None) == (store_at == "past")
-        assert processor.store.get((LEDGER, "never")) is None
+        assert processor.store.get((LEDGER, NEVER)) is None
         assert hanging.describe_producers(leader, topic, 0) == []
     finally:
         processor.close()
@@ -107,7 +101,7 @@ def test_a_transaction_its_coordinator_holds_is_left_alone(kafka_bootstrap, tmp_
                                      **{"transaction.timeout.ms": 120_000}))
     owner.init_transactions(30)
     owner.begin_transaction()
-    owner.produce(topic, _entry("slow"), b"slow", partition=0)
+    owner.produce(topic, created("slow"), b"slow", partition=0)
     assert owner.flush(30) == 0  # on the leader, its transaction open at its coordinator
 
     finding = hanging.abort_if_hanging(kafka_bootstrap, topic, 0, 0)
