@@ -13,6 +13,13 @@ Worker tuning comes from the environment as usual (STREAMLEDGER_BATCH_MAX, ..._L
 Phases, in one run (ratios against the same run's baseline are what to compare on a
 noisy shared machine; absolutes move with the neighbours):
 
+0. warm-up  — --warmup-requests (as many as --requests) uniform transfers on ledgers of
+   their own, through the worker, not measured: every measured phase then runs on a broker
+   that has already carried that load (its JIT compiler busy for a third to half a core
+   in its first minute, see the latency phase), as the baseline always did (it runs after
+   the uniform and hot phases); the uniform phase still starts from fresh ledgers and
+   accounts. Measured without it (2026-11-23), three alternated pairs: uniform 43.7 / 42.7 /
+   41.3k tx/s without, 45.8 / 44.6 / 53.0k with.
 1. uniform  — N single-posting transfers over --accounts accounts in each of --ledgers
    ledgers (ledger and accounts uniform at random). A fraction --world-fraction (0.9) are
    funded from `world` (amount 100, always valid); the rest move 1..50 between two user
@@ -584,6 +591,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--wire-batch", type=int, default=500, help="requests per RequestBatch record (500)")
     p.add_argument("--rate", type=float, default=1000.0, help="offered rate of the latency phase, tx/s (1000)")
     p.add_argument("--latency-seconds", type=float, default=None, help="duration of the latency phase (10)")
+    p.add_argument("--warmup-requests", type=int, default=None,
+                   help="uniform requests on ledgers of their own before the measured phases (as "
+                        "many as --requests; --quick 0)")
     p.add_argument("--latency-warmup-seconds", type=float, default=None,
                    help="requests at the same rate before the latency phase is measured (60; --quick 0)")
     p.add_argument("--skip-latency", action="store_true")
@@ -606,6 +616,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     args = p.parse_args(argv)
     if args.requests is None:
         args.requests = 5_000 if args.quick else 100_000
+    if args.warmup_requests is None:
+        args.warmup_requests = 0 if args.quick else args.requests
     if args.latency_seconds is None:
         args.latency_seconds = 3.0 if args.quick else 10.0
     if args.latency_warmup_seconds is None:
@@ -653,8 +665,9 @@ def run(args, stack: Stack) -> dict:
     try:
         # Ready = the worker owns its partitions: each ledger's CREATED_LEDGER is out.
         t0 = time.monotonic()
+        warm_ledgers = [f"bench-{run_id}-w{i:02d}" for i in range(args.ledgers)] if args.warmup_requests else []
         create = [Request(f"c{run_id}{i:04d}", ledger, CreateLedger(), received_at=now_micros())
-                  for i, ledger in enumerate(ledgers)]
+                  for i, ledger in enumerate(ledgers + warm_ledgers)]
         ready = outcomes.expect("c", Phase("create", len(create)))
         produce_records(producer, REQUESTS, coalesce(create, args.wire_batch))
         outcomes.wait(ready, 180, stack)
@@ -662,6 +675,18 @@ def run(args, stack: Stack) -> dict:
             raise RuntimeError(f"{ready.rejected} CreateLedger requests were rejected")
         worker_ready_s = round(time.monotonic() - t0, 2)
         log(f"worker ready: {len(ledgers)} ledgers created in {worker_ready_s} s")
+
+        warmup = None
+        if args.warmup_requests:
+            log(f"encoding {args.warmup_requests} warm-up requests ...")
+            warm_records = coalesce(
+                uniform_requests(f"w{run_id}", args.warmup_requests, warm_ledgers, args.accounts,
+                                 args.world_fraction, random.Random(args.seed + 1)),
+                args.wire_batch)
+            warmup = throughput_phase("warm-up", "w", warm_records, args.warmup_requests, outcomes, stack,
+                                      producer, args.phase_timeout)
+            warmup.pop("_samples")
+            del warm_records
 
         n = args.requests
         log(f"encoding {n} uniform requests ...")
@@ -726,7 +751,7 @@ def run(args, stack: Stack) -> dict:
         "hot_shape": "one ledger (one partition), every transfer world -> hot",
         "wire_batch": args.wire_batch,
         "partitions": args.partitions,
-        "phases": {"uniform": uniform, "hot": hot, "baseline": baseline, "latency": latency},
+        "phases": {"warmup": warmup, "uniform": uniform, "hot": hot, "baseline": baseline, "latency": latency},
         "worker_ready_s": worker_ready_s,
         "worker_env": {k: v for k, v in os.environ.items() if k.startswith("STREAMLEDGER_BATCH")},
         "machine": {
