@@ -87,8 +87,12 @@ def encode_value(kind: str, value: object) -> bytes:
         return _dumps([q.ledger, q.log_id, q.code, q.message, q.details, q.date])
     if kind == LOG:
         e: LogEntry = value  # type: ignore[assignment]
-        return _dumps([e.ledger, e.id, e.type, e.data, e.date, e.idempotency_key,
-                       e.idempotency_hash, base64.b64encode(e.hash).decode(), e.request_id])
+        data, shared = stored_log_data(e.data)
+        fields = [e.ledger, e.id, e.type, data, e.date, e.idempotency_key,
+                  e.idempotency_hash, base64.b64encode(e.hash).decode(), e.request_id]
+        if shared:
+            fields.append(1)
+        return _dumps(fields)
     raise AssertionError(f"unknown key kind {kind!r}")
 
 
@@ -112,8 +116,36 @@ def decode_value(kind: str, raw: bytes) -> object:
     if kind == REQUEST:
         return RequestRecord(ledger=v[0], log_id=v[1], code=v[2], message=v[3], details=v[4], date=v[5])
     if kind == LOG:
+        if len(v) > 9 and v[9] == 1:  # see `stored_log_data`
+            transaction = v[3]["transaction"]
+            transaction[_EFFECTIVE_VOLUMES] = transaction[_POST_COMMIT_VOLUMES]
         return LogEntry(v[0], v[1], v[2], v[3], v[4], v[5], v[6], base64.b64decode(v[7]), v[8])
     raise AssertionError(f"unknown key kind {kind!r}")
+
+
+_POST_COMMIT_VOLUMES = "postCommitVolumes"
+_EFFECTIVE_VOLUMES = "postCommitEffectiveVolumes"
+
+
+def stored_log_data(data: object) -> tuple[object, bool]:
+    """A log entry's data as the store keeps it; -> (data, whether its transaction's
+    effective volumes were left out).
+
+    A transaction not back-dated carries its post-commit volumes twice, as
+    `postCommitVolumes` and as `postCommitEffectiveVolumes` (its last key): ~130 of the
+    ~670 bytes of a one-posting entry, the largest value a request writes. The store
+    keeps them once (`decode_value` puts the key back, last, as it was); the log on
+    ledger.committed carries both. Measured without Kafka (`bench/engine.py`, four
+    alternated pairs): 19.4 -> 18.2 us of process CPU per request.
+    """
+    transaction = data.get("transaction") if isinstance(data, dict) else None
+    if (not isinstance(transaction, dict) or not transaction
+            or next(reversed(transaction)) != _EFFECTIVE_VOLUMES
+            or transaction[_EFFECTIVE_VOLUMES] != transaction.get(_POST_COMMIT_VOLUMES)):
+        return data, False
+    kept = dict(transaction)
+    del kept[_EFFECTIVE_VOLUMES]
+    return {**data, "transaction": kept}, True
 
 
 def transaction_to_record(t: Transaction) -> list:

@@ -990,11 +990,15 @@ impl Work<'_> {
         data.extend_from_slice(&volumes_json);
         data.extend_from_slice(b",\"insertedAt\":");
         push_quoted(&mut data, &date_text);
+        // The store keeps the data without the effective volumes: they equal the
+        // post-commit volumes here (never back-dated), see `store.stored_log_data`.
+        let stored_data = data.len();
         if effective_volumes {
             data.extend_from_slice(b",\"postCommitEffectiveVolumes\":");
             data.extend_from_slice(&volumes_json);
         }
-        data.extend_from_slice(b"},\"accountMetadata\":{}}");
+        const DATA_END: &[u8] = b"},\"accountMetadata\":{}}";
+        data.extend_from_slice(DATA_END);
 
         // The store, as `project_entry` leaves it.
         let request_id = t.request_id.as_str();
@@ -1063,7 +1067,8 @@ impl Work<'_> {
         entry.push(b',');
         push_int(&mut entry, log_id);
         entry.extend_from_slice(b",\"NEW_TRANSACTION\",");
-        entry.extend_from_slice(&data);
+        entry.extend_from_slice(&data[..stored_data]);
+        entry.extend_from_slice(DATA_END);
         entry.push(b',');
         push_int(&mut entry, date);
         let (idempotency_key, idempotency_hash) = t.idempotency.as_ref().map_or(("", ""), |(k, h)| (k.as_str(), h.as_str()));
@@ -1075,6 +1080,9 @@ impl Work<'_> {
         push_quoted(&mut entry, &hash_text);
         entry.push(b',');
         push_quoted(&mut entry, request_id);
+        if effective_volumes {
+            entry.extend_from_slice(b",1"); // (the effective volumes left out)
+        }
         entry.push(b']');
         self.writes.push((key(&[b"G", ledger, &(log_id as u64).to_be_bytes()]), entry));
         if !idempotency_key.is_empty() {

@@ -46,6 +46,35 @@ def test_every_state_value_round_trips_through_rocksdb(store):
         assert store.get(key) == value, key
 
 
+def test_a_log_entry_stores_equal_effective_volumes_once_and_reads_back_whole(store):
+    """A transaction not back-dated repeats its post-commit volumes as its effective ones:
+    the store keeps them once; a back-dated one's differ and are kept. Either reads back
+    as it was, keys in the same order (the API renders the data as stored)."""
+    import json
+
+    from ledger.state import LOG
+    from ledger.timeutil import format_rfc3339
+
+    def day(n: int) -> str:
+        return format_rfc3339(1_700_000_000_000_000 + n * 86_400_000_000)
+
+    ledger = Ledger()
+    ledger.transfer(posting("world", "a", 10), timestamp=day(5))
+    ledger.transfer(posting("world", "a", 3), timestamp=day(1))  # back-dated
+    entries = {key: value for key, value in ledger.store.data.items() if key[0] == LOG}
+    store.commit(list(entries.items()), {})
+    shared, back_dated = entries[(LOG, "main", 1)], entries[(LOG, "main", 2)]
+    for entry, kept_once in ((shared, True), (back_dated, False)):
+        transaction = entry.data["transaction"]
+        assert (transaction["postCommitEffectiveVolumes"] == transaction["postCommitVolumes"]) is kept_once
+        stored = json.loads(store._db.get(encode_key((LOG, "main", entry.id))))  # noqa: SLF001
+        assert ("postCommitEffectiveVolumes" not in stored[3]["transaction"]) is kept_once
+        assert (stored[9:] == [1]) is kept_once
+        read = store.get((LOG, "main", entry.id))
+        assert read == entry
+        assert json.dumps(read.data) == json.dumps(entry.data)
+
+
 def test_the_state_machine_runs_on_rocksdb_like_on_memory(store):
     overlay = Overlay(store)
     from ledger.commands import CreateLedger, Request
