@@ -75,6 +75,24 @@ def test_a_log_entry_stores_equal_effective_volumes_once_and_reads_back_whole(st
         assert json.dumps(read.data) == json.dumps(entry.data)
 
 
+def test_a_log_entry_stored_whole_by_an_earlier_version_reads_back_as_it_was(store):
+    """Stores written before the effective volumes were kept once hold 9-field entries."""
+    import base64
+    import json
+
+    from ledger.state import LOG
+    from streams.store import _dumps
+
+    ledger = Ledger()
+    ledger.transfer(posting("world", "a", 10))
+    entry = ledger.store.data[(LOG, "main", 1)]
+    whole = [entry.ledger, entry.id, entry.type, entry.data, entry.date, entry.idempotency_key,
+             entry.idempotency_hash, base64.b64encode(entry.hash).decode(), entry.request_id]
+    store._db.put(encode_key((LOG, "main", 1)), _dumps(whole))  # noqa: SLF001
+    read = store.get((LOG, "main", 1))
+    assert read == entry and json.dumps(read.data) == json.dumps(entry.data)
+
+
 def test_the_state_machine_runs_on_rocksdb_like_on_memory(store):
     overlay = Overlay(store)
     from ledger.commands import CreateLedger, Request
