@@ -26,8 +26,8 @@ from __future__ import annotations
 import argparse
 import gc
 import json
+import os
 import random
-import resource
 import shutil
 import sys
 import tempfile
@@ -38,17 +38,13 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 if str(REPO_ROOT) not in sys.path:
     sys.path.insert(0, str(REPO_ROOT))
 
+from bench._stack import cpu_seconds  # noqa: E402
 from bench.throughput import coalesce, uniform_requests  # noqa: E402
 from ledger.commands import CreateLedger, Request  # noqa: E402
 from streams import codecs  # noqa: E402
 from streams.processor import PartitionProcessor  # noqa: E402
 from streams.settings import Settings  # noqa: E402
 from streams.topics import COMMITTED, REJECTED, partition_for  # noqa: E402
-
-
-def _process_cpu() -> float:
-    usage = resource.getrusage(resource.RUSAGE_SELF)
-    return usage.ru_utime + usage.ru_stime
 
 
 def run(args: argparse.Namespace, data_dir: Path) -> dict:
@@ -100,7 +96,7 @@ def run(args: argparse.Namespace, data_dir: Path) -> dict:
     gc.collect()
     gc.freeze()
     rounds = max(len(records) for records in by_partition.values())
-    process0, thread0, wall0 = _process_cpu(), time.thread_time(), time.perf_counter()
+    process0, thread0, wall0 = cpu_seconds(os.getpid()), time.thread_time(), time.perf_counter()
     for r in range(rounds):
         one_round({p: records[r] for p, records in by_partition.items() if r < len(records)})
     for processor in processors.values():  # the last round's writes: the store's step too
@@ -110,7 +106,7 @@ def run(args: argparse.Namespace, data_dir: Path) -> dict:
     wall = time.perf_counter() - wall0
     thread = time.thread_time() - thread0
     time.sleep(args.settle_seconds)  # RocksDB's flushes and compactions of the loop's writes
-    process = _process_cpu() - process0
+    process = cpu_seconds(os.getpid()) - process0
     native = any(processor.engine is not None for processor in processors.values())
     for processor in processors.values():
         processor.close()

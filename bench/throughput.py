@@ -18,8 +18,8 @@ noisy shared machine; absolutes move with the neighbours):
    that has already carried that load (its JIT compiler busy for a third to half a core
    in its first minute, see the latency phase), as the baseline always did (it runs after
    the uniform and hot phases); the uniform phase still starts from fresh ledgers and
-   accounts. Measured without it (2026-11-23), three alternated pairs: uniform 43.7 / 42.7 /
-   41.3k tx/s without, 45.8 / 44.6 / 53.0k with.
+   accounts. Three alternated pairs (2026-11-23): uniform 43.7 / 42.7 / 41.3k tx/s
+   without it, 45.8 / 44.6 / 53.0k with.
 1. uniform  — N single-posting transfers over --accounts accounts in each of --ledgers
    ledgers (ledger and accounts uniform at random). A fraction --world-fraction (0.9) are
    funded from `world` (amount 100, always valid); the rest move 1..50 between two user
@@ -674,7 +674,7 @@ def run(args, stack: Stack) -> dict:
         if ready.rejected:
             raise RuntimeError(f"{ready.rejected} CreateLedger requests were rejected")
         worker_ready_s = round(time.monotonic() - t0, 2)
-        log(f"worker ready: {len(ledgers)} ledgers created in {worker_ready_s} s")
+        log(f"worker ready: {len(create)} ledgers created in {worker_ready_s} s")
 
         warmup = None
         if args.warmup_requests:
