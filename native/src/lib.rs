@@ -990,15 +990,11 @@ impl Work<'_> {
         data.extend_from_slice(&volumes_json);
         data.extend_from_slice(b",\"insertedAt\":");
         push_quoted(&mut data, &date_text);
-        // The store keeps the data without the effective volumes: they equal the
-        // post-commit volumes here (never back-dated), see `store.stored_log_data`.
-        let stored_data = data.len();
         if effective_volumes {
             data.extend_from_slice(b",\"postCommitEffectiveVolumes\":");
             data.extend_from_slice(&volumes_json);
         }
-        const DATA_END: &[u8] = b"},\"accountMetadata\":{}}";
-        data.extend_from_slice(DATA_END);
+        data.extend_from_slice(b"},\"accountMetadata\":{}}");
 
         // The store, as `project_entry` leaves it.
         let request_id = t.request_id.as_str();
@@ -1061,15 +1057,19 @@ impl Work<'_> {
             last_date: date.max(head.last_date),
             max_timestamp: Some(head.max_timestamp.map_or(timestamp, |latest| latest.max(timestamp))),
         })));
-        let mut entry = Vec::with_capacity(data.len() + 128);
+        let mut entry = Vec::with_capacity(192);
         entry.push(b'[');
         push_quoted(&mut entry, &t.ledger);
         entry.push(b',');
         push_int(&mut entry, log_id);
-        entry.extend_from_slice(b",\"NEW_TRANSACTION\",");
-        entry.extend_from_slice(&data[..stored_data]);
-        entry.extend_from_slice(DATA_END);
+        // The data by reference to the transaction record written above: its id and
+        // its metadata as logged (the record's may change later); see
+        // `store.stored_log_fields`.
+        entry.extend_from_slice(b",\"NEW_TRANSACTION\",[");
+        push_int(&mut entry, transaction_id);
         entry.push(b',');
+        push_map(&mut entry, &t.metadata, false);
+        entry.extend_from_slice(b"],");
         push_int(&mut entry, date);
         let (idempotency_key, idempotency_hash) = t.idempotency.as_ref().map_or(("", ""), |(k, h)| (k.as_str(), h.as_str()));
         entry.push(b',');
@@ -1080,10 +1080,8 @@ impl Work<'_> {
         push_quoted(&mut entry, &hash_text);
         entry.push(b',');
         push_quoted(&mut entry, request_id);
-        if effective_volumes {
-            entry.extend_from_slice(b",1"); // (the effective volumes left out)
-        }
-        entry.push(b']');
+        // 2: with the effective volumes (equal to the post-commit ones), 3: without.
+        entry.extend_from_slice(if effective_volumes { b",2]" } else { b",3]" });
         self.writes.push((key(&[b"G", ledger, &(log_id as u64).to_be_bytes()]), entry));
         if !idempotency_key.is_empty() {
             // `IdempotencyRecord(input_hash, request_id)`; a refusal records none.

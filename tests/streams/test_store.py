@@ -46,33 +46,136 @@ def test_every_state_value_round_trips_through_rocksdb(store):
         assert store.get(key) == value, key
 
 
-def test_a_log_entry_stores_equal_effective_volumes_once_and_reads_back_whole(store):
-    """A transaction not back-dated repeats its post-commit volumes as its effective ones:
-    the store keeps them once; a back-dated one's differ and are kept. Either reads back
-    as it was, keys in the same order (the API renders the data as stored)."""
+def _day(n: int) -> int:
+    return 1_700_000_000_000_000 + n * 86_400_000_000
+
+
+def _stored(store, entry) -> list:
     import json
 
     from ledger.state import LOG
+
+    return json.loads(store._db.get(encode_key((LOG, entry.ledger, entry.id))))  # noqa: SLF001
+
+
+def _reads_back_as_logged(store, entry) -> None:
+    """Equal, and rendered alike: keys in the same order (the API shows the data as stored)."""
+    import json
+
+    from ledger.state import LOG
+
+    read = store.get((LOG, entry.ledger, entry.id))
+    assert read == entry
+    assert json.dumps(read.data) == json.dumps(entry.data)
+
+
+def test_a_new_transactions_log_entry_is_kept_by_reference_to_its_transaction(store):
+    """Its data says again what the transaction record says: the store keeps the
+    transaction's id and metadata as logged (marker 2), and reads the entry back whole."""
+    from ledger.state import LOG
     from ledger.timeutil import format_rfc3339
 
-    def day(n: int) -> str:
-        return format_rfc3339(1_700_000_000_000_000 + n * 86_400_000_000)
+    ledger = Ledger()
+    ledger.transfer(posting("world", "a", 10), posting("world", "b", 10**40, "EUR"),
+                    reference='réf "<&>"', metadata={"k": "<v> ", "z": ""},
+                    timestamp=format_rfc3339(_day(-5)))
+    ledger.transfer(posting("a", "b", 3))  # no reference, no metadata, the ledger's date
+    store.commit(list(ledger.store.data.items()), {})
+    for log_id in (1, 2):
+        entry = ledger.store.data[(LOG, "main", log_id)]
+        transaction = entry.data["transaction"]
+        stored = _stored(store, entry)
+        assert stored[3] == [transaction["id"], transaction["metadata"]]
+        assert stored[9:] == [2]
+        _reads_back_as_logged(store, entry)
+    assert len(_stored_bytes(store, (LOG, "main", 1))) < 200
+
+
+def _stored_bytes(store, key) -> bytes:
+    return store._db.get(encode_key(key))  # noqa: SLF001
+
+
+def test_a_log_entry_reads_back_as_logged_after_its_transaction_changed(store):
+    """The transaction record's metadata, revertedAt and updatedAt change later; the log
+    entry kept by reference still reads back as it was logged (its hash with it)."""
+    from ledger.commands import DeleteMetadata, RevertTransaction, SaveMetadata
+    from ledger.state import LOG
 
     ledger = Ledger()
-    ledger.transfer(posting("world", "a", 10), timestamp=day(5))
-    ledger.transfer(posting("world", "a", 3), timestamp=day(1))  # back-dated
-    entries = {key: value for key, value in ledger.store.data.items() if key[0] == LOG}
-    store.commit(list(entries.items()), {})
-    shared, back_dated = entries[(LOG, "main", 1)], entries[(LOG, "main", 2)]
-    for entry, kept_once in ((shared, True), (back_dated, False)):
-        transaction = entry.data["transaction"]
-        assert (transaction["postCommitEffectiveVolumes"] == transaction["postCommitVolumes"]) is kept_once
-        stored = json.loads(store._db.get(encode_key((LOG, "main", entry.id))))  # noqa: SLF001
-        assert ("postCommitEffectiveVolumes" not in stored[3]["transaction"]) is kept_once
-        assert (stored[9:] == [1]) is kept_once
-        read = store.get((LOG, "main", entry.id))
-        assert read == entry
-        assert json.dumps(read.data) == json.dumps(entry.data)
+    ledger.transfer(posting("world", "a", 10), metadata={"k": "logged", "gone": "x"})
+    ledger.run(SaveMetadata("TRANSACTION", 1, {"k": "changed", "new": "y"}))
+    ledger.run(DeleteMetadata("TRANSACTION", 1, "gone"))
+    ledger.run(RevertTransaction(1))
+    store.commit(list(ledger.store.data.items()), {})
+    transaction = store.get((TRANSACTION, "main", 1))
+    assert transaction.metadata == {"k": "changed", "new": "y"} and transaction.reverted
+    entry = ledger.store.data[(LOG, "main", 1)]
+    assert entry.data["transaction"]["metadata"] == {"k": "logged", "gone": "x"}
+    assert _stored(store, entry)[9:] == [2]
+    _reads_back_as_logged(store, entry)
+    for log_id in (2, 3, 4):  # metadata and revert entries: kept whole, read back whole
+        other = ledger.store.data[(LOG, "main", log_id)]
+        assert _stored(store, other)[9:] in ([], [1])
+        _reads_back_as_logged(store, other)
+
+
+def test_what_does_not_render_back_from_the_transaction_is_kept_whole(store):
+    """A back-dated transaction's effective volumes differ from its post-commit ones (kept
+    whole); with account metadata, the effective volumes are kept once (marker 1); a
+    ledger without effective volumes keeps its entries by reference too (marker 3)."""
+    from ledger.commands import CreateLedger
+    from ledger.state import LOG
+    from ledger.timeutil import format_rfc3339
+
+    ledger = Ledger()
+    ledger.transfer(posting("world", "a", 10), timestamp=format_rfc3339(_day(-5)))
+    ledger.transfer(posting("world", "a", 3), timestamp=format_rfc3339(_day(-9)))  # back-dated
+    ledger.transfer(posting("world", "b", 4), accountMetadata={"b": {"tier": "gold"}})
+    flat = Ledger("flat")
+    flat.store = ledger.store
+    flat.run(CreateLedger(features={"MOVES_HISTORY_POST_COMMIT_EFFECTIVE_VOLUMES": "DISABLED"}))
+    flat.transfer(posting("world", "a", 1))
+    store.commit(list(ledger.store.data.items()), {})
+    back_dated, with_accounts = ledger.store.data[(LOG, "main", 2)], ledger.store.data[(LOG, "main", 3)]
+    flat_entry = ledger.store.data[(LOG, "flat", 1)]
+    assert "postCommitEffectiveVolumes" not in flat_entry.data["transaction"]
+    expected = ((ledger.store.data[(LOG, "main", 1)], [2]), (back_dated, []), (with_accounts, [1]), (flat_entry, [3]))
+    for entry, marker in expected:
+        assert _stored(store, entry)[9:] == marker, entry.id
+        _reads_back_as_logged(store, entry)
+    transaction = _stored(store, back_dated)[3]["transaction"]
+    assert transaction["postCommitEffectiveVolumes"] != transaction["postCommitVolumes"]
+    assert "postCommitEffectiveVolumes" not in _stored(store, with_accounts)[3]["transaction"]
+
+
+def test_a_log_entry_kept_by_reference_without_its_transaction_is_an_error(store):
+    from ledger.state import LOG
+    from streams.store import StoreError
+
+    ledger = Ledger()
+    ledger.transfer(posting("world", "a", 10))
+    entry = ledger.store.data[(LOG, "main", 1)]
+    store.commit([((LOG, "main", 1), entry)], {})
+    with pytest.raises(StoreError, match="transaction 1"):
+        store.get((LOG, "main", 1))
+
+
+def test_a_log_entry_stored_by_an_earlier_version_with_its_effective_volumes_left_out(store):
+    """Stores of session 9's version hold entries whole but for the effective volumes."""
+    import base64
+
+    from ledger.state import LOG
+    from streams.store import _dumps
+
+    ledger = Ledger()
+    ledger.transfer(posting("world", "a", 10))
+    entry = ledger.store.data[(LOG, "main", 1)]
+    transaction = {k: v for k, v in entry.data["transaction"].items() if k != "postCommitEffectiveVolumes"}
+    fields = [entry.ledger, entry.id, entry.type, {**entry.data, "transaction": transaction}, entry.date,
+              entry.idempotency_key, entry.idempotency_hash, base64.b64encode(entry.hash).decode(),
+              entry.request_id, 1]
+    store._db.put(encode_key((LOG, "main", 1)), _dumps(fields))  # noqa: SLF001
+    _reads_back_as_logged(store, entry)
 
 
 def test_a_log_entry_stored_whole_by_an_earlier_version_reads_back_as_it_was(store):
