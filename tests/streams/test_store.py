@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import pytest
+from hypothesis import given
+from hypothesis import settings as hsettings
+from hypothesis import strategies as st
 
 from ledger.commands import create_transaction_from_json
 from ledger.model import Volumes
@@ -336,5 +339,62 @@ def test_without_a_wal_a_crash_keeps_only_what_was_flushed(tmp_path, flushed):
     store = PartitionStore(tmp_path / "db", rocksdb_options(8, 4))
     try:
         assert store.position("ledger.committed") == (7 if flushed else None)
+    finally:
+        store.close()
+
+
+_TEXT = st.text(st.sampled_from(list('ab"\\<>&\x00\u2028é😀')), max_size=4)
+_operations = st.one_of(
+    st.tuples(st.just("transfer"),
+              st.lists(st.tuples(st.sampled_from(["world", "a", "b"]), st.sampled_from(["a", "b", "c"]),
+                                 st.one_of(st.integers(0, 100), st.just(10**40)), st.sampled_from(["USD", "EUR/2"])),
+                       min_size=1, max_size=3),
+              st.dictionaries(_TEXT, _TEXT, max_size=2),  # metadata
+              st.one_of(st.none(), _TEXT),  # reference
+              st.one_of(st.none(), st.integers(-5, 5)),  # timestamp, in days (back- or forward-dated)
+              st.booleans()),  # account metadata
+    st.tuples(st.just("revert"), st.integers(1, 6)),
+    st.tuples(st.just("transaction metadata"), st.integers(1, 6), st.dictionaries(_TEXT, _TEXT, max_size=2)),
+)
+
+
+@hsettings(max_examples=80, deadline=None)
+@given(st.lists(_operations, min_size=1, max_size=12), st.booleans())
+def test_every_log_entry_reads_back_from_rocksdb_exactly(tmp_path_factory, operations, effective_volumes):
+    """Whatever its shape, kept by reference or whole: every log entry reads back equal,
+    its data rendered alike (the same JSON, keys in the same order), after any later
+    change of its transaction."""
+    from ledger.commands import CreateLedger, RevertTransaction, SaveMetadata
+    from ledger.state import LOG
+    from ledger.timeutil import format_rfc3339
+
+    ledger = Ledger("flat")
+    if not effective_volumes:
+        ledger.run(CreateLedger(features={"MOVES_HISTORY_POST_COMMIT_EFFECTIVE_VOLUMES": "DISABLED"}))
+        ledger.name = "flat2"
+        ledger.run(CreateLedger(features={"MOVES_HISTORY_POST_COMMIT_EFFECTIVE_VOLUMES": "DISABLED"}))
+    ledger.transfer(posting("world", "a", 100))  # at least one kept by reference
+    for operation in operations:
+        if operation[0] == "transfer":
+            _, moves, metadata, reference, days, with_accounts = operation
+            body: dict = {"metadata": metadata, "force": True}
+            if reference:
+                body["reference"] = reference
+            if days is not None:
+                body["timestamp"] = format_rfc3339(_day(days))
+            if with_accounts:
+                body["accountMetadata"] = {moves[0][1]: {"k": "v"}}
+            ledger.transfer(*(posting(s, d, amount, asset) for s, d, amount, asset in moves), **body)
+        elif operation[0] == "revert":
+            ledger.run(RevertTransaction(operation[1], force=True))
+        else:
+            ledger.run(SaveMetadata("TRANSACTION", operation[1], operation[2]))
+    store = PartitionStore(tmp_path_factory.mktemp("p"), rocksdb_options(8, 4))
+    try:
+        store.commit(list(ledger.store.data.items()), {})
+        entries = [value for key, value in ledger.store.data.items() if key[0] == LOG]
+        assert any(_stored(store, entry)[9:] in ([2], [3]) for entry in entries)
+        for entry in entries:
+            _reads_back_as_logged(store, entry)
     finally:
         store.close()
