@@ -16,10 +16,9 @@ noisy shared machine; absolutes move with the neighbours):
 0. warm-up  — --warmup-requests (as many as --requests) uniform transfers on ledgers of
    their own, through the worker, not measured: every measured phase then runs on a broker
    that has already carried that load (its JIT compiler busy for a third to half a core
-   in its first minute, see the latency phase), as the baseline always did (it runs after
-   the uniform and hot phases); the uniform phase still starts from fresh ledgers and
-   accounts. Three alternated pairs (2026-11-23): uniform 43.7 / 42.7 / 41.3k tx/s
-   without it, 45.8 / 44.6 / 53.0k with.
+   in its first minute, see the latency phase); the uniform phases still start from fresh
+   ledgers and accounts. Three alternated pairs (2026-11-23): uniform 43.7 / 42.7 / 41.3k
+   tx/s without it, 45.8 / 44.6 / 53.0k with.
 1. uniform  — N single-posting transfers over --accounts accounts in each of --ledgers
    ledgers (ledger and accounts uniform at random). A fraction --world-fraction (0.9) are
    funded from `world` (amount 100, always valid); the rest move 1..50 between two user
@@ -42,6 +41,12 @@ noisy shared machine; absolutes move with the neighbours):
    `baseline_passthrough_msgs_per_s` counts requests (outputs) per second, measured with
    the same clock as phase 1: `ratio_worker_to_baseline` = uniform / baseline is the share
    of the Kafka-only ceiling the worker reaches.
+   Phases 1 and 3 run in turn --pairs times (3), each uniform phase on ledgers of its own
+   and each baseline on topics of its own, before phase 2: the JSON reports the medians
+   (uniform, baseline, and the pairs' ratios) and every pair under `pairs`. The passthrough
+   waits on the broker's round trips and the worker on its CPU, so the host's neighbours
+   move them differently: one pair's ratio went from 0.33 to 0.73 between runs in one hour
+   at the same code (2026-11-23).
 4. latency  — --rate requests/s for --latency-warmup-seconds (60, not measured: the
    broker's JIT warms up) then --latency-seconds (measured), each request alone in its wire batch
    (what the gateway's 1 ms linger produces at that rate), producer as the gateway's
@@ -59,6 +64,7 @@ import os
 import platform
 import random
 import signal
+import statistics
 import subprocess
 import sys
 import threading
@@ -153,10 +159,10 @@ class Outcomes:
     """One consumer thread over ledger.committed, ledger.rejected and the baseline output
     topic, positioned at their end when the run starts; dispatches to the current phases."""
 
-    def __init__(self, bootstrap: str, partitions: int, baseline_out: str) -> None:
+    def __init__(self, bootstrap: str, partitions: int, baseline_outs: list[str]) -> None:
         self.bootstrap = bootstrap
         self.partitions = partitions
-        self.baseline_out = baseline_out
+        self.baseline_outs = frozenset(baseline_outs)
         self.phases: dict[int, Phase] = {}  # first byte of the request id -> phase
         self.baseline: Phase | None = None
         self.error: BaseException | None = None
@@ -194,12 +200,12 @@ class Outcomes:
         })
         try:
             assignment = []
-            for topic in (COMMITTED, REJECTED, self.baseline_out):
+            for topic in (COMMITTED, REJECTED, *sorted(self.baseline_outs)):
                 for p in range(self.partitions):
                     assignment.append(TopicPartition(topic, p, _end_offset(consumer, topic, p)))
             consumer.assign(assignment)
             self._ready.set()
-            phases, rejected_topic, baseline_topic = self.phases, REJECTED, self.baseline_out
+            phases, rejected_topic, baseline_topics = self.phases, REJECTED, self.baseline_outs
             while not self._stop.is_set():
                 messages = consume_available(consumer, 10_000, 0.05)
                 if not messages:
@@ -212,7 +218,7 @@ class Outcomes:
                             log("outcome consumer:", m.error())
                         continue
                     topic = m.topic()
-                    if topic == baseline_topic:
+                    if topic in baseline_topics:
                         if self.baseline is not None:
                             self.baseline.count(None, False, m.value(), now)
                         continue
@@ -599,6 +605,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--skip-latency", action="store_true")
     p.add_argument("--skip-hot", action="store_true")
     p.add_argument("--skip-baseline", action="store_true")
+    p.add_argument("--pairs", type=int, default=None,
+                   help="uniform + baseline phases run this many times in turn, each uniform on "
+                        "ledgers of its own; the medians are reported (3; --quick 1)")
     p.add_argument("--quick", action="store_true", help="5000 requests, 3 s of latency: a smoke check")
     p.add_argument("--ledgers", type=int, default=16)
     p.add_argument("--accounts", type=int, default=10_000, help="accounts per ledger (10000)")
@@ -616,6 +625,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     args = p.parse_args(argv)
     if args.requests is None:
         args.requests = 5_000 if args.quick else 100_000
+    if args.pairs is None:
+        args.pairs = 1 if args.quick else 3
+    if args.pairs < 1:
+        p.error("--pairs must be at least 1")
     if args.warmup_requests is None:
         args.warmup_requests = 0 if args.quick else args.requests
     if args.latency_seconds is None:
@@ -655,9 +668,14 @@ def run(args, stack: Stack) -> dict:
     stack.start()
     run_id = stack.run_id
     ledgers = [f"bench-{run_id}-{i:02d}" for i in range(args.ledgers)]
-    base_topics = (f"bench-{run_id}.passthrough.in", f"bench-{run_id}.passthrough.out")
-    create_topics(stack.bootstrap, list(base_topics), args.partitions)
-    outcomes = Outcomes(stack.bootstrap, args.partitions, base_topics[1])
+    # Pair r's uniform phase runs on ledgers of its own (fresh accounts, as the first),
+    # its baseline on topics of its own (the passthrough reads its input from offset 0).
+    pair_ledgers = [ledgers] + [[f"bench-{run_id}-p{r}-{i:02d}" for i in range(args.ledgers)]
+                                for r in range(1, args.pairs)]
+    base_topics = [(f"bench-{run_id}.passthrough{r}.in", f"bench-{run_id}.passthrough{r}.out")
+                   for r in range(args.pairs)]
+    create_topics(stack.bootstrap, [t for pair in base_topics for t in pair], args.partitions)
+    outcomes = Outcomes(stack.bootstrap, args.partitions, [out for _in, out in base_topics])
     outcomes.start()
     producer = Producer(producer_config(stack.bootstrap, **{
         "linger.ms": 5, "compression.type": "lz4", "queue.buffering.max.kbytes": 256 * 1024,
@@ -666,8 +684,9 @@ def run(args, stack: Stack) -> dict:
         # Ready = the worker owns its partitions: each ledger's CREATED_LEDGER is out.
         t0 = time.monotonic()
         warm_ledgers = [f"bench-{run_id}-w{i:02d}" for i in range(args.ledgers)] if args.warmup_requests else []
+        every_ledger = [ledger for some in pair_ledgers for ledger in some] + warm_ledgers
         create = [Request(f"c{run_id}{i:04d}", ledger, CreateLedger(), received_at=now_micros())
-                  for i, ledger in enumerate(ledgers + warm_ledgers)]
+                  for i, ledger in enumerate(every_ledger)]
         ready = outcomes.expect("c", Phase("create", len(create)))
         produce_records(producer, REQUESTS, coalesce(create, args.wire_batch))
         outcomes.wait(ready, 180, stack)
@@ -689,17 +708,31 @@ def run(args, stack: Stack) -> dict:
             del warm_records
 
         n = args.requests
-        log(f"encoding {n} uniform requests ...")
-        uniform_records = coalesce(
-            uniform_requests(f"u{run_id}", n, ledgers, args.accounts, args.world_fraction, rng),
-            args.wire_batch)
-        uniform = throughput_phase("uniform", "u", uniform_records, n, outcomes, stack, producer,
-                                   args.phase_timeout, profile_path("uniform"))
-        uniform_samples = uniform.pop("_samples")
-        if args.py_spy is not None and (args.py_spy / "uniform.txt").exists():
-            from bench._pyspy import report
+        # Uniform and baseline in turn, --pairs times: the host's neighbours move the
+        # passthrough (bound by the broker's round trips) far more than the worker (bound
+        # by its CPU) — 45k to 153k msgs/s within an hour at the same code — so a ratio of
+        # one uniform phase to one baseline phase is mostly noise; the pairs' median is not.
+        pairs = []
+        for r in range(args.pairs):
+            log(f"pair {r + 1}/{args.pairs}: encoding {n} uniform requests ...")
+            uniform_records = coalesce(
+                uniform_requests(f"u{run_id}p{r}", n, pair_ledgers[r], args.accounts, args.world_fraction, rng),
+                args.wire_batch)
+            uniform = throughput_phase("uniform", "u", uniform_records, n, outcomes, stack, producer,
+                                       args.phase_timeout, profile_path("uniform") if r == 0 else None)
+            uniform_samples = uniform.pop("_samples")
+            if r == 0 and args.py_spy is not None and (args.py_spy / "uniform.txt").exists():
+                from bench._pyspy import report
 
-            report(args.py_spy / "uniform.txt", log)
+                report(args.py_spy / "uniform.txt", log)
+            baseline = None
+            if not args.skip_baseline:
+                baseline = baseline_phase(
+                    args, stack, outcomes, uniform_records, n,
+                    values=uniform_samples,
+                    header_size=len(f"u{run_id}p{r}{0:08d}"), topics=base_topics[r], producer=producer)
+            pairs.append((uniform, baseline))
+            del uniform_records
 
         hot = None
         if not args.skip_hot:
@@ -709,13 +742,6 @@ def run(args, stack: Stack) -> dict:
                                    stack, producer, args.phase_timeout)
             hot.pop("_samples")
             del hot_requests
-
-        baseline = None
-        if not args.skip_baseline:
-            baseline = baseline_phase(
-                args, stack, outcomes, uniform_records, n,
-                values=uniform_samples,
-                header_size=len(f"u{run_id}{0:08d}"), topics=base_topics, producer=producer)
 
         latency = None
         if not args.skip_latency:
@@ -730,13 +756,19 @@ def run(args, stack: Stack) -> dict:
         producer.flush(10)
 
     rss = peak_rss_mb(stack.worker_pid) if stack.worker_pid else None
-    u = uniform["tx_per_s"]
+    u = round(statistics.median(uniform["tx_per_s"] for uniform, _baseline in pairs), 1)
+    baselines = [baseline["msgs_per_s"] for _uniform, baseline in pairs if baseline]
+    ratios = [round(uniform["tx_per_s"] / baseline["msgs_per_s"], 3) for uniform, baseline in pairs if baseline]
     result = {
         "throughput_uniform_tx_per_s": u,
         "throughput_hot_tx_per_s": hot["tx_per_s"] if hot else None,
         "ratio_hot_to_uniform": round(hot["tx_per_s"] / u, 3) if hot else None,
-        "baseline_passthrough_msgs_per_s": baseline["msgs_per_s"] if baseline else None,
-        "ratio_worker_to_baseline": round(u / baseline["msgs_per_s"], 3) if baseline else None,
+        "baseline_passthrough_msgs_per_s": round(statistics.median(baselines), 1) if baselines else None,
+        "ratio_worker_to_baseline": round(statistics.median(ratios), 3) if ratios else None,
+        "pairs": [{"uniform_tx_per_s": uniform["tx_per_s"],
+                   "baseline_msgs_per_s": baseline["msgs_per_s"] if baseline else None,
+                   "ratio": round(uniform["tx_per_s"] / baseline["msgs_per_s"], 3) if baseline else None}
+                  for uniform, baseline in pairs],
         "latency_ms_p50": latency["p50_ms"] if latency else None,
         "latency_ms_p99": latency["p99_ms"] if latency else None,
         "worker_peak_rss_mb": rss,
@@ -751,7 +783,8 @@ def run(args, stack: Stack) -> dict:
         "hot_shape": "one ledger (one partition), every transfer world -> hot",
         "wire_batch": args.wire_batch,
         "partitions": args.partitions,
-        "phases": {"warmup": warmup, "uniform": uniform, "hot": hot, "baseline": baseline, "latency": latency},
+        "phases": {"warmup": warmup, "uniform": [u_ for u_, _b in pairs], "hot": hot,
+                   "baseline": [b for _u, b in pairs], "latency": latency},
         "worker_ready_s": worker_ready_s,
         "worker_env": {k: v for k, v in os.environ.items() if k.startswith("STREAMLEDGER_BATCH")},
         "machine": {
