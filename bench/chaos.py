@@ -583,6 +583,7 @@ def main(argv: list[str] | None = None) -> int:
             "failed_deliveries_resent": producing.resent_records, "produce_s": round(produce_s, 1),
             "outcome_wait_s": round(waited, 1), "kills": kill_log,
             "worker_log_tracebacks": _count_in_logs(tmp, "Traceback"),
+            "worker_log_exceptions": _exceptions_in_logs(tmp),
             "hanging_transactions": {"left": len(hanging), "aborted": aborted},
             "recoveries_replaying_log": _recoveries(tmp),
         })
@@ -616,7 +617,9 @@ def main(argv: list[str] | None = None) -> int:
             outcomes.join(10)
         if producing is not None and producing.is_alive():
             producing.join(10)
-    keep = args.keep or not verdict.get("ok")
+    # A traceback in a passing run is worth a look too: its logs are kept.
+    tracebacks = sum((verdict.get("stats") or {}).get("worker_log_tracebacks", {}).values())
+    keep = args.keep or not verdict.get("ok") or tracebacks > 0
     if keep:
         say(f"chaos: logs kept in {tmp} (w1.log, w2.log, gateway.log; kafka-logs/ when it failed)")
         verdict["logs"] = str(tmp)
@@ -709,6 +712,24 @@ def _recoveries(tmp: Path) -> dict:
               for n in pattern.findall((tmp / f"{name}.log").read_text(errors="replace"))]
     return {"assignments": len(counts), "with_replay": sum(1 for n in counts if n),
             "records_replayed": sum(counts)}
+
+
+def _exceptions_in_logs(tmp: Path, most: int = 10) -> list[str]:
+    """'<log>: <the exception line>' of each traceback in the logs (at most `most`)."""
+    found = []
+    for name in ("w1", "w2", "gateway"):
+        path = tmp / f"{name}.log"
+        if not path.exists():
+            continue
+        inside = False
+        for line in path.read_text(errors="replace").splitlines():
+            if line.startswith("Traceback"):
+                inside = True
+            elif inside and line and not line.startswith((" ", "\t")):
+                if not line.startswith(("During handling", "The above exception")):
+                    found.append(f"{name}: {line[:300]}")
+                    inside = False
+    return found[:most]
 
 
 def _count_in_logs(tmp: Path, needle: str) -> dict[str, int]:
