@@ -197,6 +197,11 @@ class Stack:
     def worker_pid(self) -> int | None:
         return self.worker.pid if self.worker is not None else None
 
+    @property
+    def broker_pid(self) -> int | None:
+        """The broker's JVM when this stack started it (None with KAFKA_BOOTSTRAP_SERVERS)."""
+        return self.kafka.pid if self.kafka is not None else None
+
     def metrics(self, timeout: float = 5.0) -> dict[str, float]:
         """The worker's Prometheus counters/histogram sums, {name{labels}: value} (empty on
         failure: metrics are an extra, never a reason to fail a run)."""

@@ -319,6 +319,22 @@ def produce_records(producer: Producer, topic: str, records, *, with_count_heade
 # ---------------------------------------------------------------------- phases
 
 
+class BrokerCpu:
+    """The broker's CPU between two points of a phase (when the bench started it): the
+    other half of what a request costs on two shared cores."""
+
+    def __init__(self, stack: Stack) -> None:
+        self.pid = stack.broker_pid
+        self.cpu0 = cpu_seconds(self.pid) if self.pid else None
+
+    def finish(self, wall: float, expected: int) -> dict:
+        cpu = cpu_seconds(self.pid) if self.pid and self.cpu0 is not None else None
+        if cpu is None:
+            return {}
+        return {"broker_cpu_util": round((cpu - self.cpu0) / max(wall, 1e-9), 2),
+                "broker_cpu_us_per_request": round((cpu - self.cpu0) / expected * 1e6, 1)}
+
+
 class WorkerProbe:
     """Worker CPU and batch metrics between two points of a run."""
 
@@ -328,6 +344,7 @@ class WorkerProbe:
     def __init__(self, stack: Stack) -> None:
         self.stack = stack
         self.cpu0 = cpu_seconds(stack.worker_pid) if stack.worker_pid else None
+        self.broker0 = BrokerCpu(stack)
         self.m0 = stack.metrics()
         self.t0 = time.monotonic()
 
@@ -339,6 +356,7 @@ class WorkerProbe:
             if cpu is not None:
                 out["worker_cpu_s"] = round(cpu - self.cpu0, 2)
                 out["worker_cpu_util"] = round((cpu - self.cpu0) / max(wall, 1e-9), 2)
+        out.update(self.broker0.finish(wall, expected))
         # The worker observes a batch after its RocksDB write, i.e. just after its outcomes
         # are visible: wait (briefly) until the histogram covers the phase's requests.
         key = "streamledger_batch_requests_sum"
@@ -414,7 +432,8 @@ def throughput_phase(name: str, letter: str, records, expected: int, outcomes: O
 
 
 def probe_summary(r: dict) -> str:
-    keys = ("worker_cpu_util", "worker_requests_per_batch", "worker_process_share_of_wall")
+    keys = ("worker_cpu_util", "worker_requests_per_batch", "worker_process_share_of_wall",
+            "broker_cpu_us_per_request")
     return " ".join(f"{k}={r[k]}" for k in keys if k in r)
 
 
@@ -471,6 +490,7 @@ def baseline_phase(args, stack: Stack, outcomes: Outcomes, records, expected: in
                                    f"({'exited' if child.poll() is not None else 'timeout'})")
         outcomes.baseline = phase  # every output of the warm-up is in: what follows is measured
         cpu0 = cpu_seconds(child.pid)
+        broker = BrokerCpu(stack)
         started = produce_records(producer, in_topic, records, with_count_header=True)
         deadline = time.monotonic() + args.phase_timeout
         while not phase.done.wait(0.5):
@@ -483,6 +503,7 @@ def baseline_phase(args, stack: Stack, outcomes: Outcomes, records, expected: in
                 raise TimeoutError(f"baseline: {phase.outcomes}/{expected} after {args.phase_timeout} s")
         wall = phase.last - started
         cpu1 = cpu_seconds(child.pid)
+        broker_cpu = broker.finish(wall, expected)
         child.wait(30)
         reader.join(5)
     finally:
@@ -499,8 +520,12 @@ def baseline_phase(args, stack: Stack, outcomes: Outcomes, records, expected: in
     }
     if cpu0 is not None and cpu1 is not None:
         result["cpu_util"] = round((cpu1 - cpu0) / wall, 2)
+        result["cpu_us_per_message"] = round((cpu1 - cpu0) / expected * 1e6, 1)
+    result.update(broker_cpu)
     log(f"baseline: {expected} requests in {wall:.2f} s = {result['msgs_per_s']:.0f} msgs/s "
-        f"({stats.get('transactions')} transactions, a warm-up's included)")
+        f"({stats.get('transactions')} transactions, a warm-up's included) "
+        f"cpu_us_per_message={result.get('cpu_us_per_message')} "
+        f"broker_cpu_us_per_request={result.get('broker_cpu_us_per_request')}")
     return result
 
 
