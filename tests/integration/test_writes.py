@@ -80,6 +80,35 @@ def test_logs_list_newest_first_with_hashes(ledger):
     assert all(len(log["hash"]) == 44 for log in logs)
 
 
+def test_the_log_served_from_the_store_verifies_after_its_transactions_changed(ledger):
+    """The store keeps a new transaction's log entry by reference to its transaction record,
+    which later changes (metadata, revert): the log served must still be the one hashed.
+    Formance's own check of an export — hashes recomputed from the data served — says so."""
+    from ledger.verify import verify_log
+
+    http("POST", f"{ledger}/transactions", tx("world", "a", 10, metadata={"order": "<42>"}, reference="r\u00e9f-1"))
+    http("POST", f"{ledger}/transactions", tx("a", "b", 3))
+    http("POST", f"{ledger}/transactions", {  # account metadata: an entry kept whole
+        "script": {"plain": 'send [USD 2] (source = @world destination = @c)\nset_account_meta(@c, "k", "v")',
+                   "vars": {}}})
+    assert http("POST", f"{ledger}/transactions/1/metadata", {"order": "changed"}).status == 204
+    assert http("POST", f"{ledger}/transactions/2/revert").status == 201
+    logs = []
+    url = f"{ledger}/logs?pageSize=2"
+    while url:
+        page = http("GET", url).body["cursor"]
+        logs += page["data"]
+        url = f"{ledger}/logs?cursor={page['next']}" if page.get("hasMore") else None
+    logs.reverse()  # oldest first
+    assert [log["type"] for log in logs] == ["NEW_TRANSACTION"] * 3 + ["SET_METADATA", "REVERTED_TRANSACTION"]
+    first = logs[0]["data"]["transaction"]
+    assert first["metadata"] == {"order": "<42>"} and first["reference"] == "r\u00e9f-1"
+    assert first["reverted"] is False and first["postCommitVolumes"]["a"]["USD"] == {"input": 10, "output": 0, "balance": 10}
+    verdict = verify_log(logs)
+    assert verdict.ok, verdict.summary()
+    assert verdict.entries == 5
+
+
 def test_numscript_transaction_with_vars_and_metadata(ledger):
     http("POST", f"{ledger}/transactions", tx("world", "orders:1", 10000, "EUR/2"))
     script = {
