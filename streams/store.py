@@ -192,7 +192,8 @@ def _by_reference(e: LogEntry) -> tuple[list, int] | None:
         return None
     post = transaction[_POST_COMMIT_VOLUMES]
     try:
-        if (transaction["reverted"] is not False or type(transaction["metadata"]) is not dict
+        if (transaction["reverted"] is not False or type(transaction["id"]) is not int
+                or type(transaction["metadata"]) is not dict
                 or ("reference" in transaction and not transaction["reference"])
                 or transaction["insertedAt"] != format_rfc3339(e.date)
                 or _formatted_again(transaction["timestamp"]) != transaction["timestamp"]
