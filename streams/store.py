@@ -41,6 +41,12 @@ _SEP = b"\x00"
 _MISSING = object()
 _CACHED_KINDS = frozenset({VOLUMES, HEAD, ACCOUNT, LEDGER})
 _POSITION_PREFIX = b"\xffpos\x00"
+# The store's layout version. 1: up to session 9 (no key); 2: log entries of new
+# transactions kept by reference to their transaction records (`stored_log_fields`).
+# A store says the highest version that ever wrote to it; this code reads every version
+# up to its own, and refuses a newer one instead of misreading it.
+STORE_FORMAT = 2
+_FORMAT_KEY = b"\xffformat"
 
 
 class StoreError(Exception):
@@ -318,6 +324,7 @@ class PartitionStore:
         no_wal = WriteOptions()
         no_wal.disable_wal = True
         self._db.set_write_options(no_wal)  # every write, batches included (see the module doc)
+        self._check_format()
         self._unflushed = False  # written since the last flush
         # Decoded values of the small, hot kinds (balances, heads, accounts, ledgers),
         # read through and written through on commit; other kinds (transactions, log
@@ -332,6 +339,18 @@ class PartitionStore:
         # the commit updated it, so `get` drops what it cached if a commit wrote since it
         # started reading. A commit writes, counts, then updates the cache.
         self._commits = 0
+
+    def _check_format(self) -> None:
+        raw = self._db.get(_FORMAT_KEY)
+        found = 1 if raw is None else int(raw)
+        if found > STORE_FORMAT:
+            self._db.close()
+            raise StoreError(
+                f"the store in {self.path} was written by a newer streamledger (store format {found}, "
+                f"this version reads up to {STORE_FORMAT}): run that version, or delete this "
+                "partition's folder and let the worker rebuild it from the log")
+        if raw is None or found < STORE_FORMAT:
+            self._db.put(_FORMAT_KEY, str(STORE_FORMAT).encode())
 
     def get(self, key: tuple) -> object | None:
         cache = self._cache
