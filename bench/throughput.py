@@ -23,9 +23,9 @@ noisy shared machine; absolutes move with the neighbours):
    ledgers (ledger and accounts uniform at random). A fraction --world-fraction (0.9) are
    funded from `world` (amount 100, always valid); the rest move 1..50 between two user
    accounts and are rejected INSUFFICIENT_FUND when the source has not been funded enough
-   yet (reported as `rejected_uniform`). Requests are coalesced per ledger into RequestBatch
-   records of up to --wire-batch requests, as the gateway does, pre-encoded before the clock
-   starts. Clock: first produce → last outcome (ledger.committed + ledger.rejected,
+   yet (reported as `rejected_uniform`, the first pair's). Requests are coalesced per
+   ledger into RequestBatch records of up to --wire-batch requests, as the gateway does,
+   pre-encoded before the clock starts. Clock: first produce → last outcome (ledger.committed + ledger.rejected,
    read_committed, matched by the `request_id` header, duplicates counted once).
 2. hot      — N transfers `world` → `hot` on ONE ledger (so one partition, one account, one
    hash chain: the worst case for a serial-per-partition design). Same batching and clock.
@@ -44,10 +44,10 @@ noisy shared machine; absolutes move with the neighbours):
    of the Kafka-only ceiling the worker reaches.
    Phases 1 and 3 run in turn --pairs times (3), each uniform phase on ledgers of its own
    and each baseline on topics of its own, before phase 2: the JSON reports the medians
-   (uniform, baseline, and the pairs' ratios) and every pair under `pairs`. The passthrough
-   waits on the broker's round trips and the worker on its CPU, so the host's neighbours
-   move them differently: one pair's ratio went from 0.33 to 0.73 between runs in one hour
-   at the same code (2026-11-23).
+   (uniform, baseline, and the pairs' ratios) and every pair under `pairs`. The host's
+   neighbours move the two phases differently: single pairs' ratios went from 0.34 to 0.59
+   within an hour at the same code (2026-11-23; 0.33 to 0.79 before the baselines were
+   warmed up). Each phase reports the broker's CPU per request too.
 4. latency  — --rate requests/s for --latency-warmup-seconds (60, not measured: the
    broker's JIT warms up) then --latency-seconds (measured), each request alone in its wire batch
    (what the gateway's 1 ms linger produces at that rate), producer as the gateway's
@@ -747,10 +747,10 @@ def run(args, stack: Stack) -> dict:
             del warm_records
 
         n = args.requests
-        # Uniform and baseline in turn, --pairs times: the host's neighbours move the
-        # passthrough (bound by the broker's round trips) far more than the worker (bound
-        # by its CPU) — 45k to 153k msgs/s within an hour at the same code — so a ratio of
-        # one uniform phase to one baseline phase is mostly noise; the pairs' median is not.
+        # Uniform and baseline in turn, --pairs times: the host's neighbours move the two
+        # phases differently (baselines of 68k to 129k msgs/s within an hour at the same
+        # code), so one uniform phase against one baseline phase is mostly noise; the
+        # pairs' median much less.
         pairs = []
         for r in range(args.pairs):
             log(f"pair {r + 1}/{args.pairs}: encoding {n} uniform requests ...")
@@ -815,7 +815,7 @@ def run(args, stack: Stack) -> dict:
         "ledgers": args.ledgers,
         "accounts": args.accounts,
         "accounts_note": "per ledger: users:00000..users:{:05d} in each of the ledgers".format(args.accounts - 1),
-        "rejected_uniform": uniform["rejected"],
+        "rejected_uniform": pairs[0][0]["rejected"],
         "uniform_funding": (f"{args.world_fraction:.0%} world->user (100 USD, always valid), "
                             f"{1 - args.world_fraction:.0%} user->user (1..50 USD, INSUFFICIENT_FUND "
                             "when the source is not yet funded); no pre-funding"),
