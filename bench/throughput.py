@@ -13,12 +13,16 @@ Worker tuning comes from the environment as usual (STREAMLEDGER_BATCH_MAX, ..._L
 Phases, in one run (ratios against the same run's baseline are what to compare on a
 noisy shared machine; absolutes move with the neighbours):
 
-0. warm-up  — --warmup-requests (as many as --requests) uniform transfers on ledgers of
-   their own, through the worker, not measured: every measured phase then runs on a broker
-   that has already carried that load (its JIT compiler busy for a third to half a core
-   in its first minute, see the latency phase); the uniform phases still start from fresh
-   ledgers and accounts. Three alternated pairs (2026-11-23): uniform 43.7 / 42.7 / 41.3k
-   tx/s without it, 45.8 / 44.6 / 53.0k with.
+0. warm-up  — batches of --warmup-requests (as many as --requests) uniform transfers on
+   ledgers of their own, through the worker, not measured, until --warmup-seconds (30)
+   have passed: every measured phase then runs on a broker that has already carried that
+   load (its JIT compiler busy for a third to half a core in its first minute, see the
+   latency phase); the uniform phases still start from fresh ledgers and accounts. Three
+   alternated pairs (2026-11-23): uniform 43.7 / 42.7 / 41.3k tx/s without a warm-up,
+   45.8 / 44.6 / 53.0k with one batch. One batch (~3 s) was not enough: in a run with it,
+   the broker's CPU per request went 13.6 → 10.3 → 7.2 µs over the three pairs' uniform
+   phases and 13.3 → 10.0 → 7.9 over their baselines, and the pairs' ratios 0.77 → 0.56
+   → 0.45 (a baseline is the more sensitive to the broker's cost).
 1. uniform  — N single-posting transfers over --accounts accounts in each of --ledgers
    ledgers (ledger and accounts uniform at random). A fraction --world-fraction (0.9) are
    funded from `world` (amount 100, always valid); the rest move 1..50 between two user
@@ -639,6 +643,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--warmup-requests", type=int, default=None,
                    help="uniform requests on ledgers of their own before the measured phases (as "
                         "many as --requests; --quick 0)")
+    p.add_argument("--warmup-seconds", type=float, default=None,
+                   help="warm-up batches go on until this long has passed (30; --quick 0)")
     p.add_argument("--latency-warmup-seconds", type=float, default=None,
                    help="requests at the same rate before the latency phase is measured (60; --quick 0)")
     p.add_argument("--skip-latency", action="store_true")
@@ -670,6 +676,8 @@ def parse_args(argv=None) -> argparse.Namespace:
         p.error("--pairs must be at least 1")
     if args.warmup_requests is None:
         args.warmup_requests = 0 if args.quick else args.requests
+    if args.warmup_seconds is None:
+        args.warmup_seconds = 0.0 if args.quick else 30.0
     if args.latency_seconds is None:
         args.latency_seconds = 3.0 if args.quick else 10.0
     if args.latency_warmup_seconds is None:
@@ -736,15 +744,21 @@ def run(args, stack: Stack) -> dict:
 
         warmup = None
         if args.warmup_requests:
-            log(f"encoding {args.warmup_requests} warm-up requests ...")
-            warm_records = coalesce(
-                uniform_requests(f"w{run_id}", args.warmup_requests, warm_ledgers, args.accounts,
-                                 args.world_fraction, random.Random(args.seed + 1)),
-                args.wire_batch)
-            warmup = throughput_phase("warm-up", "w", warm_records, args.warmup_requests, outcomes, stack,
-                                      producer, args.phase_timeout)
-            warmup.pop("_samples")
-            del warm_records
+            warm_rng, batches, began = random.Random(args.seed + 1), [], time.monotonic()
+            while not batches or time.monotonic() - began < args.warmup_seconds:
+                log(f"warm-up batch {len(batches) + 1}: encoding {args.warmup_requests} requests ...")
+                warm_records = coalesce(
+                    uniform_requests(f"w{run_id}b{len(batches)}", args.warmup_requests, warm_ledgers,
+                                     args.accounts, args.world_fraction, warm_rng),
+                    args.wire_batch)
+                batch = throughput_phase("warm-up", "w", warm_records, args.warmup_requests, outcomes, stack,
+                                         producer, args.phase_timeout)
+                batch.pop("_samples")
+                batches.append(batch)
+                del warm_records
+            warmup = {"batches": len(batches), "seconds": round(time.monotonic() - began, 1),
+                      "tx_per_s": [batch["tx_per_s"] for batch in batches],
+                      "broker_cpu_us_per_request": [batch.get("broker_cpu_us_per_request") for batch in batches]}
 
         n = args.requests
         # Uniform and baseline in turn, --pairs times: the host's neighbours move the two
