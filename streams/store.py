@@ -30,7 +30,8 @@ from pathlib import Path
 from rocksdict import BlockBasedOptions, Cache, Options, Rdict, WriteBatch, WriteBufferManager, WriteOptions
 
 from ledger.machine import Rejected  # noqa: F401  (kept for type context)
-from ledger.model import NEW_TRANSACTION, LogEntry, Posting, Transaction, Volumes
+from ledger.machine import _transaction_payload
+from ledger.model import NEW_TRANSACTION, LogEntry, Posting, Transaction, Volumes, volumes_json
 from ledger.state import (
     ACCOUNT, EFFECTIVE, HEAD, IDEMPOTENCY, LEDGER, LOG, REFERENCE, REQUEST, TRANSACTION, VOLUMES,
     AccountRecord, Head, IdempotencyRecord, LedgerInfo, RequestRecord,
@@ -180,8 +181,8 @@ _SHAPES = {
     for keys in [["postings", "metadata", "timestamp", "id", "reverted", *(["reference"] if reference else []),
                   _POST_COMMIT_VOLUMES, "insertedAt", *([_EFFECTIVE_VOLUMES] if effective else [])]]
 }
-_POSTING_KEYS = ["source", "destination", "amount", "asset"]
-_VOLUMES_KEYS = ["input", "output", "balance"]
+_POSTING_KEYS = list(Posting("", "", 0, "").to_json())
+_VOLUMES_KEYS = list(Volumes().to_json())
 
 
 def _by_reference(e: LogEntry) -> tuple[list, int] | None:
@@ -225,21 +226,13 @@ def _formatted_again(text: str) -> str | None:
 
 def _logged_data(record: list, metadata: dict, effective: bool) -> dict:
     """A new transaction's log data, from its stored record (`transaction_to_record`) and
-    its metadata as logged: as `_create_transaction` and `_project_transaction` build it."""
-    transaction = {
-        "postings": [{"source": s, "destination": d, "amount": amount, "asset": asset}
-                     for s, d, amount, asset in record[1]],
-        "metadata": metadata,
-        "timestamp": format_rfc3339(record[3]),
-        "id": record[0],
-        "reverted": False,
-    }
-    if record[5]:
-        transaction["reference"] = record[5]
-    volumes = {account: {asset: {"input": i, "output": o, "balance": i - o} for asset, (i, o) in by_asset.items()}
-               for account, by_asset in record[8].items()}
+    its metadata as logged, built by what built it: `_transaction_payload` (as
+    `_create_transaction` calls it), then what `_project_transaction` adds."""
+    t = transaction_from_record(record)
+    transaction = _transaction_payload(t.id, t.postings, metadata, t.timestamp, t.reference)
+    volumes = volumes_json(t.post_commit_volumes)
     transaction[_POST_COMMIT_VOLUMES] = volumes
-    transaction["insertedAt"] = format_rfc3339(record[4])
+    transaction["insertedAt"] = format_rfc3339(t.inserted_at)
     if effective:
         transaction[_EFFECTIVE_VOLUMES] = volumes
     return {"transaction": transaction, "accountMetadata": {}}
@@ -349,7 +342,7 @@ class PartitionStore:
                 f"the store in {self.path} was written by a newer streamledger (store format {found}, "
                 f"this version reads up to {STORE_FORMAT}): run that version, or delete this "
                 "partition's folder and let the worker rebuild it from the log")
-        if raw is None or found < STORE_FORMAT:
+        if found < STORE_FORMAT:
             self._db.put(_FORMAT_KEY, str(STORE_FORMAT).encode())
 
     def get(self, key: tuple) -> object | None:

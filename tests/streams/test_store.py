@@ -91,11 +91,7 @@ def test_a_new_transactions_log_entry_is_kept_by_reference_to_its_transaction(st
         assert stored[3] == [transaction["id"], transaction["metadata"]]
         assert stored[9:] == [2]
         _reads_back_as_logged(store, entry)
-    assert len(_stored_bytes(store, (LOG, "main", 1))) < 200
-
-
-def _stored_bytes(store, key) -> bytes:
-    return store._db.get(encode_key(key))  # noqa: SLF001
+    assert len(store._db.get(encode_key((LOG, "main", 1)))) < 200  # noqa: SLF001
 
 
 def test_a_log_entry_reads_back_as_logged_after_its_transaction_changed(store):
