@@ -6,7 +6,8 @@ FROM python:3.12-slim AS native
 COPY --from=rust:1-slim-bookworm /usr/local/cargo /usr/local/cargo
 COPY --from=rust:1-slim-bookworm /usr/local/rustup /usr/local/rustup
 ENV CARGO_HOME=/usr/local/cargo RUSTUP_HOME=/usr/local/rustup PATH=/usr/local/cargo/bin:$PATH
-RUN apt-get update && apt-get install -y --no-install-recommends gcc libc6-dev \
+# It embeds RocksDB, compiled from source (C++), whose bindings bindgen makes with libclang.
+RUN apt-get update && apt-get install -y --no-install-recommends gcc g++ libc6-dev libclang-dev \
     && rm -rf /var/lib/apt/lists/* && pip install --no-cache-dir "maturin>=1.5,<2"
 COPY native /native
 RUN maturin build --release --manifest-path /native/Cargo.toml --out /wheels

@@ -107,7 +107,7 @@ class PartitionProcessor:
         self.partition = partition
         path = Path(settings.data_dir) / settings.app_id / f"partition-{partition:04d}"
         self.store = PartitionStore(
-            path, rocksdb_options(settings.rocksdb_block_cache_mb, settings.rocksdb_write_buffer_mb),
+            path, rocksdb_options(settings.rocksdb_block_cache_mb, settings.rocksdb_write_buffer_mb, settings.native_store),
             settings.store_cache_entries,
         )
         self.engine = native_engine(settings, partition)
@@ -115,6 +115,10 @@ class PartitionProcessor:
         # with the log positions they reflect; the lock orders its write with a query's or
         # a close's, which may come from another thread.
         self._unstored: tuple[object, dict[str, int]] | None = None
+        # The round last handed to the store, whose write may still be in flight (a native
+        # store writes on a thread of its own): the engine forgets its values once it
+        # landed (`_settle_locked`).
+        self._storing: object | None = None
         # Held around every call into the engine too: a query's thread may write the round
         # (`stored`) while a round's thread is inside the engine (PyO3 borrows).
         self._unstored_lock = threading.RLock()
@@ -181,30 +185,41 @@ class PartitionProcessor:
 
     @property
     def has_unstored(self) -> bool:
-        return self._unstored is not None
+        return self._unstored is not None or self._storing is not None
 
-    def write_unstored(self) -> None:
-        """Write the last committed native round to the store, if it is not there yet.
+    def write_unstored(self, wait: bool = True) -> None:
+        """Write the last committed native round to the store, if it is not there yet;
+        `wait=False`: hand it to the store, whose write may go on meanwhile.
 
-        `commit` leaves a native round's writes for later: the worker writes them while the
-        next round's records are on their way to the broker (`Writer.commit`'s
-        `before_flush`), or when no round follows, instead of between two rounds. Until
-        then the engine answers from its cache for them. Anything else that reads or writes
-        the store directly (the Python path, a catch-up, a query, closing) writes them
-        first. A crash before it leaves the store behind the log, as a crash right after a
-        commit always could: recovery replays the rest from the recorded positions.
+        `commit` leaves a native round's writes for later: the worker hands them to the
+        store while the next round's records are on their way to the broker
+        (`Writer.commit`'s `before_flush`), or when no round follows, instead of between
+        two rounds; a native store writes them on a thread of its own while the worker
+        goes on. Until they landed the engine answers from its cache for them. Anything
+        else that reads or writes the store directly (the Python path, a catch-up, a query,
+        closing) waits for them first. A crash before they landed leaves the store behind
+        the log, as a crash right after a commit always could: recovery replays the rest
+        from the recorded positions.
         """
-        if self._unstored is not None:
+        if self._unstored is not None or (wait and self._storing is not None):
             with self._unstored_lock:
-                self._write_unstored_locked()
+                self._write_unstored_locked(wait)
 
-    def _write_unstored_locked(self) -> None:
-        if self._unstored is None:
-            return
-        round_, positions = self._unstored
-        self.store.commit_native(round_, positions)
-        self._unstored = None
-        self.engine.stored(round_)  # type: ignore[union-attr]
+    def _write_unstored_locked(self, wait: bool = True) -> None:
+        if self._unstored is not None:
+            round_, positions = self._unstored
+            self._settle_locked()  # rounds land in order (positions only move forward)
+            self.store.commit_native(round_, positions)
+            self._unstored = None
+            self._storing = round_
+        if wait:
+            self._settle_locked()
+
+    def _settle_locked(self) -> None:
+        if self._storing is not None:
+            round_, self._storing = self._storing, None
+            self.store.wait()
+            self.engine.stored(round_)  # type: ignore[union-attr]
 
     # -- recovery ----------------------------------------------------------------------
 
@@ -392,7 +407,7 @@ class PartitionProcessor:
         path = "python"
         if self.engine is not None and all(type(items) is _Batch for _offset, items in records):
             with self._unstored_lock:
-                round_ = self.engine.apply([items for _offset, items in records], now, self.store.get_many)
+                round_ = self.engine.apply([items for _offset, items in records], now, self.store.reader)
             if round_ is not None:
                 metrics.partition_rounds.labels("native").inc()
                 result = BatchResult(round_.committed, round_.rejected, 0, round_.per_ledger)
@@ -422,7 +437,9 @@ class PartitionProcessor:
         positions = {topic: written[(topic, self.partition)]
                      for topic in (COMMITTED, REJECTED) if (topic, self.partition) in written}
         with self._unstored_lock:
-            self._write_unstored_locked()  # the previous round's first: positions only move forward
+            # The previous round's first (positions only move forward); handed over, not
+            # waited for, unless the Python path writes next.
+            self._write_unstored_locked(wait=isinstance(applied.overlay, Overlay))
             if isinstance(applied.overlay, Overlay):
                 self._commit_overlay(applied.overlay, positions)
             else:
@@ -432,6 +449,8 @@ class PartitionProcessor:
 
     def _commit_overlay(self, overlay: Overlay, positions: dict[str, int]) -> None:
         """Write what the Python path applied; the native path's values are then stale."""
+        with self._unstored_lock:
+            self._settle_locked()
         self.store.commit(overlay.writes(), positions)
         if self.engine is not None:
             with self._unstored_lock:

@@ -81,6 +81,11 @@ class Settings:
     # through the Python state machine, which it reproduces byte for byte.
     native: bool = field(default_factory=lambda: _env("STREAMLEDGER_NATIVE", "on").strip().lower()
                          not in ("0", "false", "no", "off"))
+    # Open the partition stores from Rust (native/src/store.rs) rather than with rocksdict:
+    # the same RocksDB and files, read and written by the native path without Python
+    # objects, and a round's store write off the GIL. "off": rocksdict (as without native/).
+    native_store: bool = field(default_factory=lambda: _env("STREAMLEDGER_NATIVE_STORE", "on").strip().lower()
+                               not in ("0", "false", "no", "off"))
     log_level: str = field(default_factory=lambda: _env("STREAMLEDGER_LOG_LEVEL", "info"))
 
     @property

@@ -209,10 +209,10 @@ class Worker:
         return processor.store
 
     def write_unstored(self) -> None:
-        """Write every partition's last committed round to its store (see
-        `PartitionProcessor.write_unstored`)."""
+        """Hand every partition's last committed round to its store, not waiting for the
+        writes (see `PartitionProcessor.write_unstored`)."""
         for processor in list(self.processors.values()):
-            processor.write_unstored()
+            processor.write_unstored(wait=False)
 
     async def quiet(self) -> None:
         """Nothing to apply for a while: persist the stores' memtables (see

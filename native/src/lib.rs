@@ -24,6 +24,9 @@ use pyo3::prelude::*;
 use pyo3::types::{PyBytes, PyDict, PyList};
 use sha2::{Digest, Sha256};
 
+mod store;
+use store::{Store, StoreIter};
+
 // A round allocates and frees tens of thousands of small keys, values and strings; glibc's
 // malloc/free were ~10% of the worker's CPU under load (perf), mimalloc's a fraction of it.
 #[global_allocator]
@@ -1241,7 +1244,8 @@ impl Engine {
     }
 
     /// Apply a round of batches; None when any of it needs the Python path. `get` is the
-    /// store's multi-get (a rocksdict `Rdict.get` of a list of keys).
+    /// partition's `Store`, read directly, or a multi-get (a rocksdict `Rdict.get` of a
+    /// list of keys).
     fn apply(&mut self, py: Python, batches: Vec<PyRef<Batch>>, now: i64, get: &Bound<PyAny>) -> PyResult<Option<Round>> {
         self.rollback();
         if self.cache.len() > self.cache_max && self.unstored.is_empty() {
@@ -1284,21 +1288,29 @@ impl Engine {
         let mut answered = FxSet::default();
         let mut references = FxSet::default();
         if !wanted.is_empty() {
-            let keys = PyList::new_bound(py, wanted.iter().map(|k| PyBytes::new_bound(py, k)));
-            let values = get.call1((keys,))?;
-            for (k, value) in wanted.into_iter().zip(values.iter()?) {
-                let value = value?;
+            let values: Vec<Option<Vec<u8>>> = match get.downcast::<Store>() {
+                Ok(store) => store::multi_get(store.borrow().db()?, &wanted)?,
+                Err(_) => {
+                    let keys = PyList::new_bound(py, wanted.iter().map(|k| PyBytes::new_bound(py, k)));
+                    get.call1((keys,))?.iter()?.map(|value| {
+                        let value = value?;
+                        Ok(if value.is_none() { None } else { Some(value.downcast::<PyBytes>()?.as_bytes().to_vec()) })
+                    }).collect::<PyResult<_>>()?
+                }
+            };
+            for (k, value) in wanted.into_iter().zip(values) {
                 if is_claim(&k) {
                     // Request ids, references and idempotency keys: only whether taken.
-                    if !value.is_none() || self.unstored.contains(&k) {
+                    if value.is_some() || self.unstored.contains(&k) {
                         if k[0] == b'R' { references.insert(k) } else { answered.insert(k) };
                     }
-                } else if value.is_none() {
-                    self.cache.insert(k, (Value::Absent, 0));
                 } else {
-                    match parse_stored(&k, value.downcast::<PyBytes>()?.as_bytes()) {
-                        Some(parsed) => self.cache.insert(k, (parsed, 0)),
-                        None => return Ok(None), // not a value this path reads: Python's
+                    match value {
+                        None => self.cache.insert(k, (Value::Absent, 0)),
+                        Some(raw) => match parse_stored(&k, &raw) {
+                            Some(parsed) => self.cache.insert(k, (parsed, 0)),
+                            None => return Ok(None), // not a value this path reads: Python's
+                        },
                     };
                 }
             }
@@ -1441,6 +1453,8 @@ fn streamledger_native(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<Engine>()?;
     m.add_class::<Batch>()?;
     m.add_class::<Round>()?;
+    m.add_class::<Store>()?;
+    m.add_class::<StoreIter>()?;
     m.add_function(wrap_pyfunction!(rfc3339_py, m)?)?;
     m.add_function(wrap_pyfunction!(murmur2_py, m)?)?;
     Ok(())

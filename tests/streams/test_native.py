@@ -20,6 +20,7 @@ from hypothesis import HealthCheck, given, settings as hsettings, strategies as 
 from ledger.commands import CreateLedger, CreateTransaction, Request, RevertTransaction, SaveMetadata, Script
 from ledger.errors import ValidationError
 from ledger.model import Posting, validate_address, validate_asset
+from ledger.state import VOLUMES
 from ledger.timeutil import format_rfc3339
 from streams import codecs
 from streams.processor import PartitionProcessor, native_engine, streamledger_native
@@ -156,13 +157,16 @@ class Run:
     native_rounds: int
 
 
-def _run(rounds: list[list[tuple[bytes, bytes | None]]], nows: list[int], native: bool, retry: bool = False) -> Run:
+def _run(rounds: list[list[tuple[bytes, bytes | None]]], nows: list[int], native: bool, retry: bool = False,
+         native_store: bool | None = None) -> Run:
     """Apply `rounds` (each a list of (key, value) records) the way the worker does, with
     every partition's outcomes 'published' at consecutive offsets; -> what came out.
     `retry`: every round is applied twice, as after a failed transaction, the first
-    outcome dropped."""
+    outcome dropped. The stores are opened from Rust with the native path and by rocksdict
+    without it (unless `native_store` says), so comparing runs compares the bindings too."""
     with tempfile.TemporaryDirectory() as folder:
-        settings = Settings(data_dir=Path(folder), partitions=PARTITIONS, native=native)
+        settings = Settings(data_dir=Path(folder), partitions=PARTITIONS, native=native,
+                            native_store=native if native_store is None else native_store)
         processors = [PartitionProcessor(settings, p) for p in range(PARTITIONS)]
         offsets = [0] * PARTITIONS
         published = {(topic, p): 0 for topic in (COMMITTED, REJECTED, REPLIES) for p in range(PARTITIONS)}
@@ -290,6 +294,16 @@ def test_a_round_applied_again_after_a_failed_transaction_is_the_same(scenario):
     assert (retried.emissions, retried.stores) == (python.emissions, python.stores)
 
 
+@hsettings(max_examples=30, deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
+@given(scenarios())
+def test_the_native_path_on_a_rocksdict_store_is_the_same(scenario):
+    """Without the native store (STREAMLEDGER_NATIVE_STORE=off) the engine reads through
+    rocksdict's multi-get and its rounds are written synchronously: the same bytes."""
+    rounds, nows = scenario
+    on_rocksdict, python = _run(rounds, nows, native=True, native_store=False), _run(rounds, nows, native=False)
+    assert (on_rocksdict.emissions, on_rocksdict.stores) == (python.emissions, python.stores)
+
+
 def test_the_comparison_above_saw_native_rounds():
     """Not vacuous: many scenarios above had several native rounds among Python ones."""
     if not _NATIVE_ROUNDS:
@@ -368,6 +382,65 @@ def test_a_committed_native_round_reaches_the_store_before_anything_reads_past_i
             assert reopened.store.get_many([b"Q\x00r2"]) != [None]
             assert reopened.store.position(COMMITTED) == 4
             reopened.close()
+        finally:
+            processor.close()
+
+
+def test_a_native_rounds_store_write_goes_on_while_the_next_round_is_applied():
+    """The worker hands a committed round to the store without waiting for it (the native
+    store writes it on a thread of its own): the next rounds are applied meanwhile, a
+    redelivered request id of the round in flight is still recognised, and whatever reads
+    the store directly waits for the write first."""
+    p = _ledger_partition("main")
+    with tempfile.TemporaryDirectory() as folder:
+        processor = PartitionProcessor(Settings(data_dir=Path(folder), partitions=PARTITIONS), p)
+        try:
+            assert processor.store.native
+
+            def round_(offset, *requests):
+                applied = processor.apply(processor.decode([(offset, b"main", _record(*requests))], NOW), NOW)
+                processor.commit(applied, {(COMMITTED, p): offset + 1, (REJECTED, p): 0})
+                return applied
+
+            round_(0, Request("create", "main", CreateLedger(), received_at=NOW))
+            rounds = [round_(1 + i, _transfer(f"r{i}")) for i in range(3)]
+            processor.write_unstored(wait=False)  # as before a flush: handed over, not waited for
+            assert processor.has_unstored  # (in flight, or landed and not settled yet)
+            rounds.append(round_(4, _transfer("r9")))
+            assert all(isinstance(r.overlay, streamledger_native.Round) for r in rounds)
+            processor.write_unstored(wait=False)
+            again = round_(5, _transfer("r9"))  # the round just handed over, redelivered
+            assert [e.topic for e in again.emissions] == [REPLIES]
+            processor.write_unstored()
+            assert not processor.has_unstored
+            assert all(processor.store.get_many([f"Q\x00r{i}".encode()]) != [None] for i in (0, 1, 2, 9))
+            assert processor.store.position(COMMITTED) == 6
+        finally:
+            processor.close()
+
+
+def test_a_query_during_a_rounds_store_write_never_keeps_the_older_value():
+    """A read while a round's write is in flight may see the value before it; once the
+    write landed (the processor waits for it before a query, `Worker.store_for_query`),
+    nothing read before stays cached."""
+    p = _ledger_partition("main")
+    with tempfile.TemporaryDirectory() as folder:
+        processor = PartitionProcessor(Settings(data_dir=Path(folder), partitions=PARTITIONS), p)
+        try:
+            for offset, request in enumerate([Request("create", "main", CreateLedger(), received_at=NOW),
+                                              _transfer("r1")]):
+                applied = processor.apply(processor.decode([(offset, b"main", _record(request))], NOW), NOW)
+                processor.commit(applied, {(COMMITTED, p): offset + 1})
+            processor.write_unstored()
+            key = (VOLUMES, "main", "a", "USD")
+            assert processor.store.get(key).input == 10  # cached now
+            for offset in range(2, 40):
+                applied = processor.apply(processor.decode([(offset, b"main", _record(_transfer(f"r{offset}")))], NOW), NOW)
+                processor.commit(applied, {(COMMITTED, p): offset + 1})
+                processor.write_unstored(wait=False)
+                processor.store.get(key)  # a query racing the write
+            processor.write_unstored()
+            assert processor.store.get(key).input == 10 * 39
         finally:
             processor.close()
 
