@@ -25,7 +25,7 @@ use pyo3::types::{PyBytes, PyDict, PyList};
 use sha2::{Digest, Sha256};
 
 mod store;
-use store::{Store, StoreIter};
+use store::{Store, StoreBatch, StoreIter};
 
 // A round allocates and frees tens of thousands of small keys, values and strings; glibc's
 // malloc/free were ~10% of the worker's CPU under load (perf), mimalloc's a fraction of it.
@@ -1455,6 +1455,7 @@ fn streamledger_native(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<Round>()?;
     m.add_class::<Store>()?;
     m.add_class::<StoreIter>()?;
+    m.add_class::<StoreBatch>()?;
     m.add_function(wrap_pyfunction!(rfc3339_py, m)?)?;
     m.add_function(wrap_pyfunction!(murmur2_py, m)?)?;
     Ok(())

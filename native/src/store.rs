@@ -182,15 +182,9 @@ impl Store {
         self.write_now(py, batch)
     }
 
-    /// Write `(key, value or None to delete)` pairs atomically, in order.
-    fn write(&mut self, py: Python, writes: Vec<(Vec<u8>, Option<Vec<u8>>)>) -> PyResult<()> {
-        let mut batch = WriteBatch::default();
-        for (key, value) in &writes {
-            match value {
-                Some(value) => batch.put(key, value),
-                None => batch.delete(key),
-            }
-        }
+    /// Write a `StoreBatch` atomically (rocksdict's `Rdict.write` of a `WriteBatch`).
+    fn write(&mut self, py: Python, mut batch: PyRefMut<StoreBatch>) -> PyResult<()> {
+        let batch = batch.batch.take().ok_or_else(|| error("a batch is written once"))?;
         self.write_now(py, batch)
     }
 
@@ -268,6 +262,32 @@ pub(crate) fn multi_get(db: &DB, keys: &[Vec<u8>]) -> PyResult<Vec<Option<Vec<u8
         .into_iter()
         .map(|value| value.map(|v| v.map(|slice| slice.to_vec())).map_err(error))
         .collect()
+}
+
+/// Writes to make at once (rocksdict's `WriteBatch`): each put copies its key and value
+/// at once, so a Python caller's objects go as it makes them (a list of a replay's
+/// ~60,000 pairs held at once took a rebuild's peak RSS from ~670 MB to ~2.4 GB).
+#[pyclass(module = "streamledger_native")]
+pub struct StoreBatch {
+    batch: Option<WriteBatch>,
+}
+
+#[pymethods]
+impl StoreBatch {
+    #[new]
+    fn new() -> Self {
+        StoreBatch { batch: Some(WriteBatch::default()) }
+    }
+
+    fn put(&mut self, key: &[u8], value: &[u8]) -> PyResult<()> {
+        self.batch.as_mut().ok_or_else(|| error("the batch was written"))?.put(key, value);
+        Ok(())
+    }
+
+    fn delete(&mut self, key: &[u8]) -> PyResult<()> {
+        self.batch.as_mut().ok_or_else(|| error("the batch was written"))?.delete(key);
+        Ok(())
+    }
 }
 
 #[pyclass(module = "streamledger_native")]
