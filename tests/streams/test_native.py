@@ -11,6 +11,7 @@ so rounds switch between the paths and each must see what the other wrote.
 from __future__ import annotations
 
 import tempfile
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -386,84 +387,75 @@ def test_a_committed_native_round_reaches_the_store_before_anything_reads_past_i
             processor.close()
 
 
+def _commit_round(processor: PartitionProcessor, offset: int, *requests: Request):
+    """Apply one record of `requests` on ledger main's partition and commit it, as the
+    worker does once its transaction committed."""
+    p = processor.partition
+    applied = processor.apply(processor.decode([(offset, b"main", _record(*requests))], NOW), NOW)
+    processor.commit(applied, {(COMMITTED, p): offset + 1, (REJECTED, p): 0})
+    return applied
+
+
+@contextmanager
+def _main_partition():
+    """The processor of ledger main's partition, on a store of its own, the ledger created."""
+    with tempfile.TemporaryDirectory() as folder:
+        processor = PartitionProcessor(Settings(data_dir=Path(folder), partitions=PARTITIONS), _ledger_partition("main"))
+        try:
+            _commit_round(processor, 0, Request("create", "main", CreateLedger(), received_at=NOW))
+            yield processor
+        finally:
+            processor.close()
+
+
 def test_a_native_rounds_store_write_goes_on_while_the_next_round_is_applied():
     """The worker hands a committed round to the store without waiting for it (the native
     store writes it on a thread of its own): the next rounds are applied meanwhile, a
     redelivered request id of the round in flight is still recognised, and whatever reads
     the store directly waits for the write first."""
-    p = _ledger_partition("main")
-    with tempfile.TemporaryDirectory() as folder:
-        processor = PartitionProcessor(Settings(data_dir=Path(folder), partitions=PARTITIONS), p)
-        try:
-            assert processor.store.native
-
-            def round_(offset, *requests):
-                applied = processor.apply(processor.decode([(offset, b"main", _record(*requests))], NOW), NOW)
-                processor.commit(applied, {(COMMITTED, p): offset + 1, (REJECTED, p): 0})
-                return applied
-
-            round_(0, Request("create", "main", CreateLedger(), received_at=NOW))
-            rounds = [round_(1 + i, _transfer(f"r{i}")) for i in range(3)]
-            processor.write_unstored(wait=False)  # as before a flush: handed over, not waited for
-            assert processor.has_unstored  # (in flight, or landed and not settled yet)
-            rounds.append(round_(4, _transfer("r9")))
-            assert all(isinstance(r.overlay, streamledger_native.Round) for r in rounds)
-            processor.write_unstored(wait=False)
-            again = round_(5, _transfer("r9"))  # the round just handed over, redelivered
-            assert [e.topic for e in again.emissions] == [REPLIES]
-            processor.write_unstored()
-            assert not processor.has_unstored
-            assert all(processor.store.get_many([f"Q\x00r{i}".encode()]) != [None] for i in (0, 1, 2, 9))
-            assert processor.store.position(COMMITTED) == 6
-        finally:
-            processor.close()
+    with _main_partition() as processor:
+        assert processor.store.native
+        rounds = [_commit_round(processor, 1 + i, _transfer(f"r{i}")) for i in range(3)]
+        processor.write_unstored(wait=False)  # as before a flush: handed over, not waited for
+        assert processor.has_unstored  # (in flight, or landed and not settled yet)
+        rounds.append(_commit_round(processor, 4, _transfer("r9")))
+        assert all(isinstance(r.overlay, streamledger_native.Round) for r in rounds)
+        processor.write_unstored(wait=False)
+        again = _commit_round(processor, 5, _transfer("r9"))  # the round just handed over, redelivered
+        assert [e.topic for e in again.emissions] == [REPLIES]
+        processor.write_unstored()
+        assert not processor.has_unstored
+        assert all(processor.store.get_many([f"Q\x00r{i}".encode()]) != [None] for i in (0, 1, 2, 9))
+        assert processor.store.position(COMMITTED) == 6
 
 
 def test_a_query_during_a_rounds_store_write_never_keeps_the_older_value():
     """A read while a round's write is in flight may see the value before it; once the
     write landed (the processor waits for it before a query, `Worker.store_for_query`),
     nothing read before stays cached."""
-    p = _ledger_partition("main")
-    with tempfile.TemporaryDirectory() as folder:
-        processor = PartitionProcessor(Settings(data_dir=Path(folder), partitions=PARTITIONS), p)
-        try:
-            for offset, request in enumerate([Request("create", "main", CreateLedger(), received_at=NOW),
-                                              _transfer("r1")]):
-                applied = processor.apply(processor.decode([(offset, b"main", _record(request))], NOW), NOW)
-                processor.commit(applied, {(COMMITTED, p): offset + 1})
-            processor.write_unstored()
-            key = (VOLUMES, "main", "a", "USD")
-            assert processor.store.get(key).input == 10  # cached now
-            for offset in range(2, 40):
-                applied = processor.apply(processor.decode([(offset, b"main", _record(_transfer(f"r{offset}")))], NOW), NOW)
-                processor.commit(applied, {(COMMITTED, p): offset + 1})
-                processor.write_unstored(wait=False)
-                processor.store.get(key)  # a query racing the write
-            processor.write_unstored()
-            assert processor.store.get(key).input == 10 * 39
-        finally:
-            processor.close()
+    with _main_partition() as processor:
+        _commit_round(processor, 1, _transfer("r1"))
+        processor.write_unstored()
+        key = (VOLUMES, "main", "a", "USD")
+        assert processor.store.get(key).input == 10  # cached now
+        for offset in range(2, 40):
+            _commit_round(processor, offset, _transfer(f"r{offset}"))
+            processor.write_unstored(wait=False)
+            processor.store.get(key)  # a query racing the write
+        processor.write_unstored()
+        assert processor.store.get(key).input == 10 * 39
 
 
 def test_a_quiet_partition_flushes_its_store_at_most_once_per_interval():
     """No WAL: `flush_store` (the worker calls it when no request came for half a second)
     writes the waiting round and persists the memtables, but not more often than asked."""
-    p = _ledger_partition("main")
-    with tempfile.TemporaryDirectory() as folder:
-        processor = PartitionProcessor(Settings(data_dir=Path(folder), partitions=PARTITIONS), p)
-        try:
-            for offset, request in enumerate([Request("create", "main", CreateLedger(), received_at=NOW),
-                                              _transfer("r1")]):
-                applied = processor.apply(processor.decode([(offset, b"main", _record(request))], NOW), NOW)
-                processor.commit(applied, {(COMMITTED, p): offset + 1})
-            assert processor.has_unstored and processor.store.unflushed
-            processor.flush_store(every=60)
-            assert not processor.has_unstored and not processor.store.unflushed
-            applied = processor.apply(processor.decode([(2, b"main", _record(_transfer("r2")))], NOW), NOW)
-            processor.commit(applied, {(COMMITTED, p): 3})
-            processor.flush_store(every=60)  # written, but not flushed again within the minute
-            assert not processor.has_unstored and processor.store.unflushed
-            processor.flush_store(every=0)
-            assert not processor.store.unflushed
-        finally:
-            processor.close()
+    with _main_partition() as processor:
+        _commit_round(processor, 1, _transfer("r1"))
+        assert processor.has_unstored and processor.store.unflushed
+        processor.flush_store(every=60)
+        assert not processor.has_unstored and not processor.store.unflushed
+        _commit_round(processor, 2, _transfer("r2"))
+        processor.flush_store(every=60)  # written, but not flushed again within the minute
+        assert not processor.has_unstored and processor.store.unflushed
+        processor.flush_store(every=0)
+        assert not processor.store.unflushed
