@@ -23,17 +23,22 @@ $(STAMP): pyproject.toml
 
 # It embeds RocksDB (built from source by the rocksdb crate: ~8 min on 2 cores, once: the
 # build directory is kept outside the checkout, so a fresh clone reuses it). The crate's
-# bindgen needs libclang, taken from PyPI into the venv, with the C compiler's own headers.
-CARGO_TARGET_DIR ?= $(HOME)/.cache/streamledger/cargo-target
+# bindgen needs libclang: taken from PyPI into a folder beside it (not the venv: its path
+# is part of what cargo checks, and one that moved with each clone rebuilt RocksDB), with
+# the C compiler's own headers.
+CACHE            := $(HOME)/.cache/streamledger
+CARGO_TARGET_DIR ?= $(CACHE)/cargo-target
 export CARGO_TARGET_DIR
+LIBCLANG         := $(CACHE)/libclang-18.1.1
+export LIBCLANG_PATH := $(LIBCLANG)/clang/native
 
-$(NATIVE_STAMP): $(STAMP) $(NATIVE_SRC)
+$(LIBCLANG_PATH)/libclang.so: $(STAMP)
+	$(BIN)/python -m pip install -q --target $(LIBCLANG) libclang==18.1.1
+
+$(NATIVE_STAMP): $(STAMP) $(NATIVE_SRC) $(LIBCLANG_PATH)/libclang.so
 	@command -v cargo >/dev/null || { echo "cargo not found: the worker's native path (native/) is Rust; install it with rustup" >&2; exit 1; }
-	$(BIN)/python -m pip install -q libclang
 	@echo "building native/ (the first build compiles RocksDB: several minutes)"
-	LIBCLANG_PATH="$$($(BIN)/python -c 'import clang, os; print(os.path.join(os.path.dirname(clang.__file__), "native"))')" \
-	BINDGEN_EXTRA_CLANG_ARGS="-I$$($${CC:-cc} -print-file-name=include)" \
-	$(BIN)/python -m pip install -q ./native
+	BINDGEN_EXTRA_CLANG_ARGS="-I$$($${CC:-cc} -print-file-name=include)" $(BIN)/python -m pip install -q ./native
 	@rm -f $(VENV)/.native-*
 	@touch $(NATIVE_STAMP)
 
