@@ -15,9 +15,11 @@ def _env(name: str, default: str) -> str:
     return os.environ.get(name, default)
 
 
-def _flag(name: str) -> bool:
-    """An on/off variable, off unless set to 1, true, yes or on."""
-    return _env(name, "false").strip().lower() in ("1", "true", "yes", "on")
+def _flag(name: str, default: bool = False) -> bool:
+    """An on/off variable: off by default unless set to 1, true, yes or on; on by default
+    (`default=True`) unless set to 0, false, no or off."""
+    value = _env(name, "on" if default else "off").strip().lower()
+    return value not in ("0", "false", "no", "off") if default else value in ("1", "true", "yes", "on")
 
 
 @dataclass(frozen=True)
@@ -79,13 +81,11 @@ class Settings:
         flag.strip() for flag in _env("STREAMLEDGER_NUMSCRIPT_FLAGS", "").split(",") if flag.strip()))
     # The native fast path for simple transfers (native/, Rust). "off" sends every request
     # through the Python state machine, which it reproduces byte for byte.
-    native: bool = field(default_factory=lambda: _env("STREAMLEDGER_NATIVE", "on").strip().lower()
-                         not in ("0", "false", "no", "off"))
+    native: bool = field(default_factory=lambda: _flag("STREAMLEDGER_NATIVE", default=True))
     # Open the partition stores from Rust (native/src/store.rs) rather than with rocksdict:
     # the same RocksDB and files, read and written by the native path without Python
     # objects, and a round's store write off the GIL. "off": rocksdict (as without native/).
-    native_store: bool = field(default_factory=lambda: _env("STREAMLEDGER_NATIVE_STORE", "on").strip().lower()
-                               not in ("0", "false", "no", "off"))
+    native_store: bool = field(default_factory=lambda: _flag("STREAMLEDGER_NATIVE_STORE", default=True))
     log_level: str = field(default_factory=lambda: _env("STREAMLEDGER_LOG_LEVEL", "info"))
 
     @property
