@@ -448,9 +448,8 @@ class PartitionProcessor:
                     self._write_unstored_locked()  # the engine no longer holds its values: now
 
     def _commit_overlay(self, overlay: Overlay, positions: dict[str, int]) -> None:
-        """Write what the Python path applied; the native path's values are then stale."""
-        with self._unstored_lock:
-            self._settle_locked()
+        """Write what the Python path applied; the native path's values are then stale.
+        (Its callers waited for the native rounds' writes first: `commit`, `recover`.)"""
         self.store.commit(overlay.writes(), positions)
         if self.engine is not None:
             with self._unstored_lock:

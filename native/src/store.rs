@@ -126,20 +126,13 @@ impl Store {
 #[pymethods]
 impl Store {
     #[new]
-    #[pyo3(signature = (path, block_cache_mb, write_buffer_mb, read_only = false))]
-    fn new(py: Python, path: &str, block_cache_mb: usize, write_buffer_mb: usize, read_only: bool) -> PyResult<Self> {
+    fn new(py: Python, path: &str, block_cache_mb: usize, write_buffer_mb: usize) -> PyResult<Self> {
         let options = options(block_cache_mb, write_buffer_mb);
         let path = Path::new(path).to_owned();
-        let db = py.allow_threads(|| {
-            // The default column family by name (for the batched multi-get), with the same
-            // options as the database: opened by name alone it would take the defaults.
-            let family = || vec![ColumnFamilyDescriptor::new(DEFAULT_COLUMN_FAMILY_NAME, options.clone())];
-            if read_only {
-                DB::open_cf_descriptors_read_only(&options, &path, family(), false)
-            } else {
-                DB::open_cf_descriptors(&options, &path, family())
-            }
-        }).map_err(error)?;
+        // The default column family by name (for the batched multi-get), with the same
+        // options as the database: opened by name alone it would take the defaults.
+        let family = vec![ColumnFamilyDescriptor::new(DEFAULT_COLUMN_FAMILY_NAME, options.clone())];
+        let db = py.allow_threads(|| DB::open_cf_descriptors(&options, &path, family)).map_err(error)?;
         Ok(Store { db: Some(Arc::new(db)), writer: None, writing: false })
     }
 
@@ -193,9 +186,8 @@ impl Store {
     /// other write, a flush, a close) waits for it and raises what it failed with.
     fn write_round(&mut self, py: Python, round: PyRef<Round>, extra: Vec<(Vec<u8>, Vec<u8>)>) -> PyResult<()> {
         self.finish(py)?;
-        let db = self.db()?.clone();
         if self.writer.is_none() {
-            self.writer = Some(Writer::start(db)?);
+            self.writer = Some(Writer::start(self.db()?.clone())?);
         }
         // Built here, where the round's bytes are still in this core's cache: on the writer
         // thread it cost more than writing it.
@@ -307,10 +299,6 @@ impl StoreIter {
 
     fn seek_for_prev(&mut self, key: &[u8]) {
         self.iter.seek_for_prev(key)
-    }
-
-    fn seek_to_first(&mut self) {
-        self.iter.seek_to_first()
     }
 
     fn valid(&self) -> PyResult<bool> {
