@@ -191,8 +191,11 @@ impl Store {
         }
         // Built here, where the round's bytes are still in this core's cache: on the writer
         // thread it cost more than writing it.
-        let mut batch = WriteBatch::default();
-        for (key, value) in round.writes.iter().chain(extra.iter()) {
+        // Sized at once: grown by doubling, its buffer was copied again and again and its
+        // new pages faulted in each round.
+        let pairs = || round.writes.iter().chain(extra.iter());
+        let mut batch = WriteBatch::with_capacity_bytes(12 + pairs().map(|(k, v)| k.len() + v.len() + 11).sum::<usize>());
+        for (key, value) in pairs() {
             batch.put(key, value);
         }
         self.writer.as_ref().unwrap().rounds.send(batch).map_err(|_| error("the store's writer thread ended"))?;
