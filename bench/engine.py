@@ -76,8 +76,8 @@ def run(args: argparse.Namespace, data_dir: Path) -> dict:
         applied = {p: processors[p].apply(decoded[p], now) for p in decoded}
         applied_at = time.perf_counter()
         for p, a in applied.items():
-            for emission in a.emissions:
-                positions[(emission.topic, p)] += 1
+            positions[(COMMITTED, p)] += a.result.committed  # (a native round's outcomes are
+            positions[(REJECTED, p)] += a.result.rejected    # produced by the writer, from Rust)
             totals["committed"] += a.result.committed
             totals["rejected"] += a.result.rejected
             processors[p].commit(a, positions)

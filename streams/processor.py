@@ -89,12 +89,17 @@ class BatchResult:
 @dataclass
 class Applied:
     """One partition's share of a round: its state changes (an overlay of the Python path,
-    or a round of the native one) and what to publish."""
+    or a round of the native one) and what to publish (its `Emission`s, or the native
+    round, which produces its own: `Writer.commit`)."""
 
     partition: int
     overlay: "Overlay | streamledger_native.Round"
-    emissions: list[Emission]
+    outcomes: "list[Emission] | streamledger_native.Round"
     result: BatchResult
+
+    @property
+    def emissions(self) -> list[Emission]:
+        return self.outcomes if isinstance(self.outcomes, list) else self.outcomes.emissions
 
 
 # A quiet partition's store is flushed at most this often (`flush_store`).
@@ -411,7 +416,7 @@ class PartitionProcessor:
             if round_ is not None:
                 metrics.partition_rounds.labels("native").inc()
                 result = BatchResult(round_.committed, round_.rejected, 0, round_.per_ledger)
-                return Applied(self.partition, round_, round_.emissions, result)
+                return Applied(self.partition, round_, round_, result)
             path = "fallback"
         metrics.partition_rounds.labels(path).inc()
         self.write_unstored()  # the Python path reads the store

@@ -86,6 +86,10 @@ class Settings:
     # the same RocksDB and files, read and written by the native path without Python
     # objects, and a round's store write off the GIL. "off": rocksdict (as without native/).
     native_store: bool = field(default_factory=lambda: _flag("STREAMLEDGER_NATIVE_STORE", default=True))
+    # The native path's outcomes handed to librdkafka from Rust (native/src/kafka.rs), into
+    # the same confluent-kafka producer and transaction, instead of one Producer.produce()
+    # call per record. "off": Producer.produce (as without native/).
+    native_produce: bool = field(default_factory=lambda: _flag("STREAMLEDGER_NATIVE_PRODUCE", default=True))
     log_level: str = field(default_factory=lambda: _env("STREAMLEDGER_LOG_LEVEL", "info"))
 
     @property

@@ -171,7 +171,8 @@ class Worker:
         self._locks: dict[int, asyncio.Lock] = {}
         # Partitions catching up right now (`_open`), each with the event that stops it.
         self._opening: dict[int, threading.Event] = {}
-        self.writer = Writer(settings.bootstrap_servers, f"{settings.app_id}-worker-{settings.worker_id}")
+        self.writer = Writer(settings.bootstrap_servers, f"{settings.app_id}-worker-{settings.worker_id}",
+                             settings.native_produce)
         self.fetcher: RequestFetcher | None = None  # set by create_app (tests drive process())
         # Rounds run one at a time; recoveries of newly assigned partitions beside them.
         self.executor = ThreadPoolExecutor(max_workers=4, thread_name_prefix="partition")
@@ -456,7 +457,7 @@ class Worker:
                 began = time.perf_counter()
                 applied.append(processor.apply(records, now))
                 applying += time.perf_counter() - began
-                yield applied[-1].emissions
+                yield applied[-1].outcomes
 
         written = self.writer.commit(outcomes(), offsets, metadata, before_flush=self.write_unstored)
         committed_at = time.perf_counter()

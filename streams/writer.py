@@ -100,6 +100,19 @@ class Emission:
     request_id: str
 
 
+def _native_kafka():
+    """The native module's binding to confluent-kafka's librdkafka, or None."""
+    try:
+        import streamledger_native
+    except ImportError:
+        return None
+    try:
+        return streamledger_native.Kafka()
+    except (RuntimeError, AttributeError) as error:  # (AttributeError: a build without it)
+        log.warning("%s; producing through Producer.produce", error)
+        return None
+
+
 class Writer:
     """Two transactional producers of one worker, used in turn.
 
@@ -113,8 +126,11 @@ class Writer:
     a transaction that failed midway is only known from the log).
     """
 
-    def __init__(self, bootstrap: str, transactional_id: str) -> None:
+    def __init__(self, bootstrap: str, transactional_id: str, native_produce: bool = True) -> None:
         self.bootstrap = bootstrap
+        # Native rounds' records handed to librdkafka from Rust (`native/src/kafka.rs`), or
+        # None: each one through Producer.produce.
+        self._kafka = _native_kafka() if native_produce else None
         self.transactional_ids = (f"{transactional_id}-a", f"{transactional_id}-b")
         self._producers: tuple[Producer, Producer] | None = None
         self._turn = 0
@@ -152,15 +168,21 @@ class Writer:
         except KafkaException:
             producer.flush(0)
             raise
+        if self._kafka is not None:
+            try:
+                self._kafka.check(producer)
+            except RuntimeError as error:
+                log.warning("%s; producing through Producer.produce", error)
+                self._kafka = None
         return producer
 
-    def commit(self, emissions: list[Emission] | Iterable[list[Emission]], offsets: dict[int, int],
+    def commit(self, emissions: list[Emission] | Iterable, offsets: dict[int, int],
                metadata: bytes, before_flush: Callable[[], None] | None = None) -> dict[tuple[str, int], int]:
         """Publish `emissions` and commit the request `offsets` ({partition: next offset})
         in one transaction; -> the next offset of every (topic, partition) written.
 
-        `emissions` is a list, or an iterable of lists pulled while the transaction is
-        open: the worker applies a round partition by partition as the writer asks, so the
+        `emissions` is a list, or an iterable of lists or native rounds (which hand their
+        records to librdkafka themselves) pulled while the transaction is open: the worker applies a round partition by partition as the writer asks, so the
         broker takes in one partition's records while the next is applied. An exception
         raised by the iterable aborts the transaction and propagates. `before_flush` runs
         once every record is handed to librdkafka, while they travel to the broker (the
@@ -183,20 +205,14 @@ class Writer:
         timings = self.timings = {}
         try:
             producer.begin_transaction()
-            produce = producer.produce
             for chunk in chunks:
-                # The offsets written are what the stores record: the last record of each
-                # (topic, partition) tells them (a partition's records are acknowledged in
-                # order), so only those carry a delivery callback (~2 us less per record).
-                last_indexes = set({(e.topic, e.partition): i for i, e in enumerate(chunk)}.values())
-                for i, e in enumerate(chunk):
-                    callback = delivered if i in last_indexes else None
-                    headers = [("request_id", e.request_id.encode())]
-                    try:
-                        produce(e.topic, e.value, e.key, e.partition, on_delivery=callback, headers=headers)
-                    except BufferError:  # the local queue is full: let deliveries drain, retry
-                        producer.poll(0.1)
-                        produce(e.topic, e.value, e.key, e.partition, on_delivery=callback, headers=headers)
+                if not isinstance(chunk, list):  # a native round
+                    if self._kafka is None:
+                        self._produce(producer, chunk.emissions, delivered)
+                        continue
+                    self._produce_native(producer, chunk)
+                    chunk = chunk.last_emissions()
+                self._produce(producer, chunk, delivered)
             timings["produce"] = (mark := time.perf_counter()) - started
             if before_flush is not None:
                 before_flush()
@@ -234,6 +250,35 @@ class Writer:
         finally:
             self._began = None
         return {key: offset for key, offset in written.items() if key[0] != REPLIES}
+
+    @staticmethod
+    def _produce(producer: Producer, emissions: list[Emission], delivered) -> None:
+        # The offsets written are what the stores record: the last record of each (topic,
+        # partition) tells them (a partition's records are acknowledged in order), so only
+        # those carry a delivery callback (~2 us less per record).
+        produce = producer.produce
+        last_indexes = set({(e.topic, e.partition): i for i, e in enumerate(emissions)}.values())
+        for i, e in enumerate(emissions):
+            callback = delivered if i in last_indexes else None
+            headers = [("request_id", e.request_id.encode())]
+            try:
+                produce(e.topic, e.value, e.key, e.partition, on_delivery=callback, headers=headers)
+            except BufferError:  # the local queue is full: let deliveries drain, retry
+                producer.poll(0.1)
+                produce(e.topic, e.value, e.key, e.partition, on_delivery=callback, headers=headers)
+
+    def _produce_native(self, producer: Producer, round_) -> None:
+        """Every record of a native round but the last of each topic, from Rust; the lasts
+        are the caller's (`Round.last_emissions`), with a delivery callback."""
+        at = 0
+        while True:
+            at, error = round_.produce(self._kafka, producer, at)
+            if error is None:
+                return
+            code, text = error
+            if code != KafkaError._QUEUE_FULL:
+                raise KafkaException(KafkaError(code, text))
+            producer.poll(0.1)  # the local queue is full: let deliveries drain, go on
 
     def _watch(self) -> None:
         while True:

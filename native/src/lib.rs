@@ -17,6 +17,8 @@
 //! definition: change it first, then this, never this alone.
 
 use std::collections::{HashMap, HashSet};
+use std::ffi::CString;
+use std::sync::Arc;
 use std::hash::{BuildHasherDefault, Hasher};
 
 use pyo3::exceptions::PyValueError;
@@ -24,7 +26,9 @@ use pyo3::prelude::*;
 use pyo3::types::{PyBytes, PyDict, PyList};
 use sha2::{Digest, Sha256};
 
+mod kafka;
 mod store;
+use kafka::{Kafka, Record};
 use store::{Store, StoreBatch, StoreIter};
 
 // A round allocates and frees tens of thousands of small keys, values and strings; glibc's
@@ -722,10 +726,27 @@ fn parse_stored(key: &[u8], raw: &[u8]) -> Option<Value> {
 
 /// One partition's round, applied: what to publish, and the store writes to make once the
 /// round's Kafka transaction committed.
+/// A round's outcome: a log entry (to the committed topic) or a rejection.
+struct Out {
+    rejected: bool,
+    ledger: String,
+    request_id: String,
+    value: Vec<u8>,
+}
+
+/// The topics a partition's outcomes go to, as Python strings and as C strings.
+struct Topics {
+    committed: PyObject,
+    rejected: PyObject,
+    names: [CString; 2],
+}
+
 #[pyclass(module = "streamledger_native")]
 struct Round {
-    #[pyo3(get)]
-    emissions: Py<PyList>,
+    outcomes: Vec<Out>,
+    topics: Arc<Topics>,
+    partition: i32,
+    emission: PyObject,
     #[pyo3(get)]
     committed: usize,
     #[pyo3(get)]
@@ -734,6 +755,22 @@ struct Round {
     per_ledger: Py<PyDict>,
     writes: Vec<(Vec<u8>, Vec<u8>)>,
     number: u64,
+}
+
+impl Round {
+    fn emission(&self, py: Python, out: &Out) -> PyResult<PyObject> {
+        let topic = if out.rejected { &self.topics.rejected } else { &self.topics.committed };
+        self.emission.call1(py, (
+            topic, self.partition, PyBytes::new_bound(py, out.ledger.as_bytes()),
+            PyBytes::new_bound(py, &out.value), &out.request_id,
+        ))
+    }
+
+    /// The index of the last outcome of each topic.
+    fn lasts(&self) -> [Option<usize>; 2] {
+        let last = |rejected: bool| self.outcomes.iter().rposition(|out| out.rejected == rejected);
+        [last(false), last(true)]
+    }
 }
 
 #[pymethods]
@@ -746,6 +783,47 @@ impl Round {
             put.call1((PyBytes::new_bound(py, key), PyBytes::new_bound(py, value)))?;
         }
         Ok(())
+    }
+
+    /// Every outcome as an `Emission` (the worker produces them with `produce` instead).
+    #[getter]
+    fn emissions<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyList>> {
+        let list = PyList::empty_bound(py);
+        for out in &self.outcomes {
+            list.append(self.emission(py, out)?)?;
+        }
+        Ok(list)
+    }
+
+    /// Produce the outcomes from index `start` on into `producer` (a confluent-kafka
+    /// `Producer` in a transaction), all but the last of each topic: those are
+    /// `last_emissions`, for `Producer.produce` with a delivery callback. -> where it
+    /// stopped (the number of outcomes when done), and librdkafka's error code and text
+    /// when it stopped early (`_QUEUE_FULL`: poll, then go on from there).
+    fn produce(&self, kafka: PyRef<Kafka>, producer: &Bound<PyAny>, start: usize) -> PyResult<(usize, Option<(i32, String)>)> {
+        let lasts = self.lasts();
+        let topics = &self.topics;
+        kafka.produce(producer, self.partition, start.min(self.outcomes.len())..self.outcomes.len(), |at| {
+            if lasts.contains(&Some(at)) {
+                return None;
+            }
+            let out = &self.outcomes[at];
+            Some(Record {
+                topic: &topics.names[out.rejected as usize], key: out.ledger.as_bytes(), value: &out.value,
+                request_id: out.request_id.as_bytes(),
+            })
+        })
+    }
+
+    /// The last outcome of each topic as an `Emission`, in order.
+    fn last_emissions<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyList>> {
+        let mut lasts: Vec<usize> = self.lasts().into_iter().flatten().collect();
+        lasts.sort_unstable();
+        let list = PyList::empty_bound(py);
+        for at in lasts {
+            list.append(self.emission(py, &self.outcomes[at])?)?;
+        }
+        Ok(list)
     }
 
     fn __len__(&self) -> usize {
@@ -1176,8 +1254,7 @@ struct Engine {
     log_header: Vec<u8>,
     rejection_header: Vec<u8>,
     emission: PyObject,
-    committed_topic: PyObject,
-    rejected_topic: PyObject,
+    topics: Arc<Topics>,
     /// Values, each with the number of the round that last changed it.
     cache: FxMap<Vec<u8>, (Value, u64)>,
     cache_max: usize,
@@ -1219,9 +1296,15 @@ impl Engine {
         if partitions <= 0 || !(0..partitions).contains(&partition) {
             return Err(PyValueError::new_err("partition out of range"));
         }
+        let name = |topic: &PyObject| -> PyResult<CString> {
+            CString::new(Python::with_gil(|py| topic.extract::<String>(py))?)
+                .map_err(|_| PyValueError::new_err("a topic name with a NUL"))
+        };
+        let names = [name(&committed_topic)?, name(&rejected_topic)?];
+        let topics = Arc::new(Topics { committed: committed_topic, rejected: rejected_topic, names });
         Ok(Engine {
             partition, partitions, requests_header, log_header, rejection_header, emission,
-            committed_topic, rejected_topic, cache: FxMap::default(), cache_max, rounds: 0, pending: None,
+            topics, cache: FxMap::default(), cache_max, rounds: 0, pending: None,
             spare: Vec::new(), unstored: FxSet::default(),
         })
     }
@@ -1357,34 +1440,27 @@ impl Engine {
         // request). Stable, so a key written twice would still end with its last value.
         writes.sort_by(|a, b| a.0.cmp(&b.0));
         self.pending = Some((self.rounds, undo));
-        let emissions = PyList::empty_bound(py);
-        let per_ledger = PyDict::new_bound(py);
         let mut counts: FxMap<String, (usize, usize)> = FxMap::default();
         let (mut committed, mut rejected) = (0, 0);
-        for outcome in outcomes {
-            let (topic, ledger, request_id, value) = match outcome {
-                Outcome::Committed { ledger, request_id, value } => {
-                    committed += 1;
-                    counts.entry(ledger.clone()).or_default().0 += 1;
-                    (&self.committed_topic, ledger, request_id, value)
-                }
-                Outcome::Rejected { ledger, request_id, value } => {
-                    rejected += 1;
-                    counts.entry(ledger.clone()).or_default().1 += 1;
-                    (&self.rejected_topic, ledger, request_id, value)
-                }
-            };
-            emissions.append(self.emission.call1(py, (
-                topic, self.partition, PyBytes::new_bound(py, ledger.as_bytes()),
-                PyBytes::new_bound(py, &value), request_id,
-            ))?)?;
-        }
+        let outcomes: Vec<Out> = outcomes.into_iter().map(|outcome| match outcome {
+            Outcome::Committed { ledger, request_id, value } => {
+                committed += 1;
+                counts.entry(ledger.clone()).or_default().0 += 1;
+                Out { rejected: false, ledger, request_id, value }
+            }
+            Outcome::Rejected { ledger, request_id, value } => {
+                rejected += 1;
+                counts.entry(ledger.clone()).or_default().1 += 1;
+                Out { rejected: true, ledger, request_id, value }
+            }
+        }).collect();
+        let per_ledger = PyDict::new_bound(py);
         for (ledger, (applied, refused)) in counts {
             per_ledger.set_item(ledger, vec![applied, refused])?;
         }
         Ok(Some(Round {
-            emissions: emissions.unbind(), committed, rejected, per_ledger: per_ledger.unbind(), writes,
-            number: self.rounds,
+            outcomes, topics: self.topics.clone(), partition: self.partition, emission: self.emission.clone_ref(py),
+            committed, rejected, per_ledger: per_ledger.unbind(), writes, number: self.rounds,
         }))
     }
 
@@ -1453,6 +1529,7 @@ fn streamledger_native(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<Engine>()?;
     m.add_class::<Batch>()?;
     m.add_class::<Round>()?;
+    m.add_class::<Kafka>()?;
     m.add_class::<Store>()?;
     m.add_class::<StoreIter>()?;
     m.add_class::<StoreBatch>()?;

@@ -54,6 +54,29 @@ def test_partitioning_hash_is_kafkas(data):
     assert streamledger_native.murmur2(data) == murmur2(data)
 
 
+def test_records_are_produced_from_rust_only_into_a_confluent_kafka_producer():
+    """`Kafka` reads the librdkafka handle out of a confluent-kafka Producer object: it
+    must refuse anything else (a Consumer has the same C layout) before reading memory."""
+    from confluent_kafka import Consumer, Producer
+
+    kafka = streamledger_native.Kafka()
+    producer = Producer({"bootstrap.servers": "127.0.0.1:9", "socket.connection.setup.timeout.ms": 1000,
+                         "log_level": 0})
+    kafka.check(producer)
+    # Queued (not delivered: no broker), so librdkafka accepted it from here.
+    assert kafka.produce_one(producer, "t", 0, b"k", b"v", b"id") is None
+    assert len(producer) >= 1
+    consumer = Consumer({"bootstrap.servers": "127.0.0.1:9", "group.id": "g", "log_level": 0})
+    try:
+        for other in (consumer, object(), 7, None):
+            with pytest.raises(RuntimeError, match="not a confluent_kafka.Producer"):
+                kafka.check(other)
+    finally:
+        consumer.close()
+        producer.purge()
+        producer.flush(0)
+
+
 # ----------------------------------------------------------------------- what is native
 
 
