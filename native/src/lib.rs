@@ -19,7 +19,6 @@
 use std::collections::{HashMap, HashSet};
 use std::ffi::CString;
 use std::sync::Arc;
-use std::hash::{BuildHasherDefault, Hasher};
 
 use pyo3::exceptions::PyValueError;
 use pyo3::prelude::*;
@@ -54,39 +53,10 @@ const EFFECTIVE_VOLUMES_FEATURE: &str = "MOVES_HISTORY_POST_COMMIT_EFFECTIVE_VOL
 const MICROS_MIN: i64 = -62_135_596_800_000_000;
 const MICROS_MAX: i64 = 253_402_300_799_999_999;
 
-/// FxHash (rustc's): the maps here are keyed by store keys the engine built itself, so
-/// SipHash's protection against chosen collisions buys nothing for its cost.
-#[derive(Default, Clone, Copy)]
-struct Fx(u64);
-
-impl Fx {
-    fn add(&mut self, word: u64) {
-        self.0 = (self.0.rotate_left(5) ^ word).wrapping_mul(0x517c_c1b7_2722_0a95);
-    }
-}
-
-impl Hasher for Fx {
-    fn write(&mut self, bytes: &[u8]) {
-        let mut chunks = bytes.chunks_exact(8);
-        for chunk in &mut chunks {
-            self.add(u64::from_le_bytes(chunk.try_into().unwrap()));
-        }
-        for &byte in chunks.remainder() {
-            self.add(byte as u64);
-        }
-    }
-
-    fn write_usize(&mut self, n: usize) {
-        self.add(n as u64);
-    }
-
-    fn finish(&self) -> u64 {
-        self.0
-    }
-}
-
-type FxMap<K, V> = HashMap<K, V, BuildHasherDefault<Fx>>;
-type FxSet<K> = HashSet<K, BuildHasherDefault<Fx>>;
+/// FxHash (rustc's, version 2): the maps here are keyed by store keys the engine built
+/// itself, so SipHash's protection against chosen collisions buys nothing for its cost.
+type FxMap<K, V> = HashMap<K, V, rustc_hash::FxBuildHasher>;
+type FxSet<K> = HashSet<K, rustc_hash::FxBuildHasher>;
 
 // ------------------------------------------------------------------------ requests
 
