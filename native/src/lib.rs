@@ -723,8 +723,31 @@ struct Round {
     rejected: usize,
     #[pyo3(get)]
     per_ledger: Py<PyDict>,
+    /// Its store writes (taken by the store's writer thread: `Store.write_round`).
     writes: Vec<(Vec<u8>, Vec<u8>)>,
+    /// The request ids, references and idempotency keys among them.
+    claims: Vec<Vec<u8>>,
     number: u64,
+}
+
+/// Emptied lists of a round's writes, for the next rounds: a round does not ask the
+/// allocator for a fresh multi-megabyte block, and the kernel for fresh pages, every time.
+/// The store's writer thread gives them back once it wrote them (`Store.write_round`).
+static SPARE_WRITES: std::sync::Mutex<Vec<Writes>> = std::sync::Mutex::new(Vec::new());
+
+pub(crate) type Writes = Vec<(Vec<u8>, Vec<u8>)>;
+
+fn spare_writes() -> Writes {
+    SPARE_WRITES.lock().unwrap().pop().unwrap_or_default()
+}
+
+/// Empty `writes` (freeing its keys and values here) and keep it for a next round.
+pub(crate) fn recycle_writes(mut writes: Writes) {
+    writes.clear();
+    let mut spare = SPARE_WRITES.lock().unwrap();
+    if spare.len() < 4 {
+        spare.push(writes);
+    }
 }
 
 impl Round {
@@ -1231,10 +1254,6 @@ struct Engine {
     rounds: u64,
     /// The round applied and not committed yet: its number, and what it replaced.
     pending: Option<(u64, Vec<(Vec<u8>, Option<(Value, u64)>)>)>,
-    /// Stored rounds' lists of writes, emptied, for the next rounds (one round is applied
-    /// while the last one waits to be stored): a round does not ask the allocator for a
-    /// fresh multi-megabyte block, and the kernel for fresh pages, every time.
-    spare: Vec<Vec<(Vec<u8>, Vec<u8>)>>,
     /// The request ids, references and idempotency keys of committed rounds whose writes
     /// are not in the store yet (see `commit`); every such round has some (a request id
     /// per outcome), so it is empty exactly when every committed round is stored.
@@ -1275,7 +1294,7 @@ impl Engine {
         Ok(Engine {
             partition, partitions, requests_header, log_header, rejection_header, emission,
             topics, cache: FxMap::default(), cache_max, rounds: 0, pending: None,
-            spare: Vec::new(), unstored: FxSet::default(),
+            unstored: FxSet::default(),
         })
     }
 
@@ -1371,7 +1390,7 @@ impl Engine {
         self.rounds += 1;
         let mut work = Work {
             cache: &mut self.cache, number: self.rounds, undo: Vec::new(), answered, references,
-            seen: FxSet::with_capacity_and_hasher(transfers, Default::default()), writes: self.spare.pop().unwrap_or_default(),
+            seen: FxSet::with_capacity_and_hasher(transfers, Default::default()), writes: spare_writes(),
             log_header: &self.log_header, rejection_header: &self.rejection_header,
             date_text: (i64::MIN, String::new()),
         };
@@ -1409,6 +1428,7 @@ impl Engine {
         // walk down from the top of a ~100k-entry list (the store write ~6 -> ~4 us per
         // request). Stable, so a key written twice would still end with its last value.
         writes.sort_by(|a, b| a.0.cmp(&b.0));
+        let claims = writes.iter().filter(|(k, _)| is_claim(k)).map(|(k, _)| k.clone()).collect();
         self.pending = Some((self.rounds, undo));
         let mut counts: FxMap<String, (usize, usize)> = FxMap::default();
         let (mut committed, mut rejected) = (0, 0);
@@ -1430,7 +1450,7 @@ impl Engine {
         }
         Ok(Some(Round {
             outcomes, topics: self.topics.clone(), partition: self.partition, emission: self.emission.clone_ref(py),
-            committed, rejected, per_ledger: per_ledger.unbind(), writes, number: self.rounds,
+            committed, rejected, per_ledger: per_ledger.unbind(), claims, writes, number: self.rounds,
         }))
     }
 
@@ -1447,26 +1467,17 @@ impl Engine {
                 return false;
             }
         }
-        for (k, _) in &round.writes {
-            if is_claim(k) {
-                self.unstored.insert(k.clone());
-            }
-        }
+        self.unstored.extend(round.claims.iter().cloned());
         true
     }
 
     /// The committed round's writes are in the store.
     fn stored(&mut self, mut round: PyRefMut<Round>) {
-        let mut writes = std::mem::take(&mut round.writes);
-        for (k, _) in &writes {
-            if is_claim(k) {
-                self.unstored.remove(k); // (a claim is never in two rounds: a second one is refused)
-            }
+        for k in &round.claims {
+            self.unstored.remove(k); // (a claim is never in two rounds: a second one is refused)
         }
-        writes.clear();
-        if self.spare.len() < 2 {
-            self.spare.push(writes);
-        }
+        // (Taken by the store's writer thread, unless written through rocksdict.)
+        recycle_writes(std::mem::take(&mut round.writes));
     }
 
     /// Something else wrote the store (after every committed round's writes): forget

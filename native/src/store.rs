@@ -24,7 +24,7 @@ use rocksdb::{
     WriteOptions, DB, DEFAULT_COLUMN_FAMILY_NAME,
 };
 
-use crate::Round;
+use crate::{recycle_writes, Round, Writes};
 
 fn error(e: impl std::fmt::Display) -> PyErr {
     PyOSError::new_err(format!("RocksDB: {e}"))
@@ -68,22 +68,25 @@ fn no_wal() -> WriteOptions {
 }
 
 /// The store's writer thread, which writes the rounds `write_round` hands it, one at a
-/// time (a thread started per round cost ~0.4 ms of the round's thread).
+/// time (a thread started per round cost ~0.4 ms of the round's thread): it builds each
+/// round's batch, writes it, and frees the round's writes, all off the round's thread.
 struct Writer {
-    rounds: Sender<WriteBatch>,
+    rounds: Sender<(Writes, Vec<(Vec<u8>, Vec<u8>)>)>,
     results: Mutex<Receiver<Result<(), rocksdb::Error>>>,
     thread: JoinHandle<()>,
 }
 
 impl Writer {
     fn start(db: Arc<DB>) -> PyResult<Writer> {
-        let (rounds, todo) = channel::<WriteBatch>();
+        let (rounds, todo) = channel::<(Writes, Vec<(Vec<u8>, Vec<u8>)>)>();
         let (done, results) = channel();
         let thread = std::thread::Builder::new()
             .name("store-write".into())
             .spawn(move || {
-                for batch in todo {
-                    if done.send(db.write_opt(batch, &no_wal())).is_err() {
+                for (writes, extra) in todo {
+                    let written = db.write_opt(round_batch(&writes, &extra), &no_wal());
+                    recycle_writes(writes);
+                    if done.send(written).is_err() {
                         break;
                     }
                 }
@@ -181,24 +184,16 @@ impl Store {
         self.write_now(py, batch)
     }
 
-    /// Write a committed native round's writes and `extra` (its log positions) atomically,
-    /// on the store's writer thread: this returns once the batch is built. `wait` (or any
-    /// other write, a flush, a close) waits for it and raises what it failed with.
-    fn write_round(&mut self, py: Python, round: PyRef<Round>, extra: Vec<(Vec<u8>, Vec<u8>)>) -> PyResult<()> {
+    /// Write a committed native round's writes (taken from it) and `extra` (its log
+    /// positions) atomically, on the store's writer thread: this returns at once. `wait`
+    /// (or any other write, a flush, a close) waits for it and raises what it failed with.
+    fn write_round(&mut self, py: Python, mut round: PyRefMut<Round>, extra: Vec<(Vec<u8>, Vec<u8>)>) -> PyResult<()> {
         self.finish(py)?;
         if self.writer.is_none() {
             self.writer = Some(Writer::start(self.db()?.clone())?);
         }
-        // Built here, where the round's bytes are still in this core's cache: on the writer
-        // thread it cost more than writing it.
-        // Sized at once: grown by doubling, its buffer was copied again and again and its
-        // new pages faulted in each round.
-        let pairs = || round.writes.iter().chain(extra.iter());
-        let mut batch = WriteBatch::with_capacity_bytes(12 + pairs().map(|(k, v)| k.len() + v.len() + 11).sum::<usize>());
-        for (key, value) in pairs() {
-            batch.put(key, value);
-        }
-        self.writer.as_ref().unwrap().rounds.send(batch).map_err(|_| error("the store's writer thread ended"))?;
+        let writes = std::mem::take(&mut round.writes);
+        self.writer.as_ref().unwrap().rounds.send((writes, extra)).map_err(|_| error("the store's writer thread ended"))?;
         self.writing = true;
         Ok(())
     }
@@ -248,6 +243,17 @@ impl Store {
         self.db = None; // closed once the last iterator over it is gone too
         finished
     }
+}
+
+/// A round's writes and `extra` in one batch, sized at once (grown by doubling, its buffer
+/// was copied again and again and its new pages faulted in each round).
+fn round_batch(writes: &Writes, extra: &[(Vec<u8>, Vec<u8>)]) -> WriteBatch {
+    let pairs = || writes.iter().chain(extra.iter());
+    let mut batch = WriteBatch::with_capacity_bytes(12 + pairs().map(|(k, v)| k.len() + v.len() + 11).sum::<usize>());
+    for (key, value) in pairs() {
+        batch.put(key, value);
+    }
+    batch
 }
 
 /// The values of `keys` in one batched multi-get (RocksDB sorts them itself).
