@@ -57,6 +57,17 @@ class _Backoff:
         self.delay = min(self.delay * 2, 5.0)
 
 
+# A take (the requests decoded and applied before the next fetch) stops after about this
+# many bytes of records, whatever `STREAMLEDGER_BATCH_MAX` allows in records: a record may
+# hold hundreds of requests, and a take of thousands of such records (the whole prefetch
+# queue under a backlog) held ~300 MB of decoded requests at once (peak RSS 830 MB in
+# 600k-request bench phases). ~60 bytes a transfer: some 60,000 requests, many rounds.
+TAKE_BYTES_MAX = 4 * 1024 * 1024
+# Records asked of librdkafka at a time, up to a take's bounds (so a take goes past
+# TAKE_BYTES_MAX by at most this many records).
+_CONSUME_CHUNK = 64
+
+
 class RequestFetcher:
     """Reads ledger.requests for the worker with librdkafka, for the partitions the group
     (faust's consumer) assigned it.
@@ -116,25 +127,34 @@ class RequestFetcher:
             self.generation[partition] = self.generation.get(partition, 0) + 1
             self.consumer.incremental_unassign([TopicPartition(REQUESTS, partition)])
 
-    def take(self, max_records: int, linger: float) -> dict[int, tuple[int, list]]:
-        """Up to `max_records` records, waiting at most `linger` s;
-        -> {partition: (assignment generation, records)}."""
+    def take(self, max_records: int, linger: float, max_bytes: int = TAKE_BYTES_MAX) -> dict[int, tuple[int, list]]:
+        """Up to `max_records` records and about `max_bytes` of them, waiting at most
+        `linger` s; -> {partition: (assignment generation, records)}."""
         generation = dict(self.generation)
         by_partition: dict[int, tuple[int, list]] = {}
-        for message in self.consumer.consume(max_records, linger):
-            error = message.error()
-            if error is not None:
-                if error.code() != KafkaError._PARTITION_EOF:
-                    log.warning("fetching %s: %s", REQUESTS, error)
-                continue
-            partition = message.partition()
-            if (partition not in self.assigned or partition in self.rewinding
-                    or generation.get(partition) != self.generation.get(partition)):
-                continue  # fetched under an assignment since replaced, or to be read again
-            entry = by_partition.get(partition)
-            if entry is None:
-                entry = by_partition[partition] = (generation[partition], [])
-            entry[1].append((message.offset(), message.key(), message.value()))
+        taken = size = 0
+        while taken < max_records and size < max_bytes:
+            ask = min(max_records - taken, _CONSUME_CHUNK)
+            messages = self.consumer.consume(ask, linger if taken == 0 else 0)
+            taken += len(messages)
+            for message in messages:
+                error = message.error()
+                if error is not None:
+                    if error.code() != KafkaError._PARTITION_EOF:
+                        log.warning("fetching %s: %s", REQUESTS, error)
+                    continue
+                partition = message.partition()
+                if (partition not in self.assigned or partition in self.rewinding
+                        or generation.get(partition) != self.generation.get(partition)):
+                    continue  # fetched under an assignment since replaced, or to be read again
+                entry = by_partition.get(partition)
+                if entry is None:
+                    entry = by_partition[partition] = (generation[partition], [])
+                value = message.value()
+                size += len(value) if value is not None else 0
+                entry[1].append((message.offset(), message.key(), value))
+            if len(messages) < ask:  # nothing more fetched yet
+                break
         return by_partition
 
     def current(self, partition: int, generation: int | None) -> bool:

@@ -10,8 +10,8 @@ from streams.worker import RequestFetcher
 
 
 class Message:
-    def __init__(self, partition: int, offset: int) -> None:
-        self._partition, self._offset = partition, offset
+    def __init__(self, partition: int, offset: int, size: int = 7) -> None:
+        self._partition, self._offset, self._size = partition, offset, size
 
     def error(self):
         return None
@@ -26,7 +26,7 @@ class Message:
         return b"ledger"
 
     def value(self) -> bytes:
-        return b"payload"
+        return b"p" * self._size
 
 
 class Consumer:
@@ -103,3 +103,25 @@ def test_records_fetched_before_a_reassignment_are_stale():
     fetcher.unassign(0)
     consumer.queued = [Message(0, 0)]
     assert fetcher.take(10, 0) == {}
+
+
+def test_a_take_is_bounded_in_bytes_and_loses_nothing():
+    """Records of hundreds of requests each: a take stops after about TAKE_BYTES_MAX of
+    them (one chunk past it at most), whatever the record count allows; the next takes go
+    on from there, in order."""
+    from streams.worker import _CONSUME_CHUNK
+
+    fetcher, consumer = _fetcher()
+    fetcher.assign(0)
+    consumer.queued = [Message(0, offset, size=30_000) for offset in range(500)]
+    offsets, takes = [], []
+    while consumer.queued:
+        taken = fetcher.take(4000, 0, max_bytes=1_000_000)
+        takes.append(len(taken[0][1]))
+        offsets += [offset for offset, _key, _value in taken[0][1]]
+    assert offsets == list(range(500))
+    assert max(takes) <= 1_000_000 // 30_000 + _CONSUME_CHUNK and len(takes) > 1
+    # Small records (one request each): the record count bounds the take, over many chunks.
+    consumer.queued = [Message(0, offset) for offset in range(500, 10_500)]
+    taken = fetcher.take(4000, 0)
+    assert [offset for offset, _key, _value in taken[0][1]] == list(range(500, 4500))
