@@ -1,6 +1,6 @@
 """How many transfers per second does one worker apply, against what ceiling, at what latency?
 
-    .venv/bin/python bench/throughput.py            # full run (100k requests per phase)
+    .venv/bin/python bench/throughput.py            # full run (600k requests per phase)
     .venv/bin/python bench/throughput.py --quick    # smoke check, well under a minute
 
 Starts its own stack (a LocalKafka in a temp dir, the topics, ONE `streamledger worker`
@@ -57,6 +57,15 @@ noisy shared machine; absolutes move with the neighbours):
    (what the gateway's 1 ms linger produces at that rate), producer as the gateway's
    (linger.ms 0, lz4). Latency = outcome arrival − *scheduled* send time (so a producer that
    falls behind schedule shows up in the numbers instead of hiding them).
+
+Phase length. The default, 600,000 requests per phase, is what a steady state needs: the
+passthrough gets through a phase several times faster than the worker, and a phase of
+100,000 requests (the default until 2026-11-23) lasted it under a second, start-up
+included (its first fetches and transactions): in one hour, with the same code, its
+median went 97k / 106k / 102k msgs/s over 100k-request phases, 153k / 157k over 300k and
+192k / 218k (two pairs) over 600k, while the worker stayed at 59-66k tx/s in all of them,
+so the ratio read 0.71 / 0.47 / 0.65, then 0.43 / 0.38, then 0.29. Earlier sessions'
+ratios (0.4-0.6) were measured over 100k-request phases and overstate it.
 
 Prints its parameters first and a single JSON object as its last line. No thresholds.
 """
@@ -636,7 +645,8 @@ def latency_phase(args, stack: Stack, outcomes: Outcomes, ledgers: list[str], pr
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--requests", type=int, default=None, help="requests per throughput phase (100000)")
+    p.add_argument("--requests", type=int, default=None,
+                   help="requests per throughput phase (600000: see 'Phase length' in the module doc)")
     p.add_argument("--wire-batch", type=int, default=500, help="requests per RequestBatch record (500)")
     p.add_argument("--rate", type=float, default=1000.0, help="offered rate of the latency phase, tx/s (1000)")
     p.add_argument("--latency-seconds", type=float, default=None, help="duration of the latency phase (10)")
@@ -669,7 +679,7 @@ def parse_args(argv=None) -> argparse.Namespace:
                         "top functions per thread on stderr. Perturbs the numbers.")
     args = p.parse_args(argv)
     if args.requests is None:
-        args.requests = 5_000 if args.quick else 100_000
+        args.requests = 5_000 if args.quick else 600_000
     if args.pairs is None:
         args.pairs = 1 if args.quick else 3
     if args.pairs < 1:
