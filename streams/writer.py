@@ -182,8 +182,9 @@ class Writer:
         in one transaction; -> the next offset of every (topic, partition) written.
 
         `emissions` is a list, or an iterable of lists or native rounds (which hand their
-        records to librdkafka themselves) pulled while the transaction is open: the worker applies a round partition by partition as the writer asks, so the
-        broker takes in one partition's records while the next is applied. An exception
+        records to librdkafka themselves) pulled while the transaction is open: the worker
+        applies a round partition by partition as the writer asks, so the broker takes in
+        one partition's records while the next is applied. An exception
         raised by the iterable aborts the transaction and propagates. `before_flush` runs
         once every record is handed to librdkafka, while they travel to the broker (the
         worker writes the previous round's store then); an exception from it aborts too.

@@ -694,10 +694,8 @@ fn parse_stored(key: &[u8], raw: &[u8]) -> Option<Value> {
 
 // ---------------------------------------------------------------------------- rounds
 
-/// One partition's round, applied: what to publish, and the store writes to make once the
-/// round's Kafka transaction committed.
-/// A round's outcome: a log entry (to the committed topic) or a rejection.
-struct Out {
+/// A request's outcome: a log entry (to the committed topic) or a rejection.
+struct Outcome {
     rejected: bool,
     ledger: String,
     request_id: String,
@@ -711,9 +709,11 @@ struct Topics {
     names: [CString; 2],
 }
 
+/// One partition's round, applied: what to publish, and the store writes to make once the
+/// round's Kafka transaction committed.
 #[pyclass(module = "streamledger_native")]
 struct Round {
-    outcomes: Vec<Out>,
+    outcomes: Vec<Outcome>,
     topics: Arc<Topics>,
     partition: i32,
     emission: PyObject,
@@ -751,17 +751,17 @@ pub(crate) fn recycle_writes(mut writes: Writes) {
 }
 
 impl Round {
-    fn emission(&self, py: Python, out: &Out) -> PyResult<PyObject> {
-        let topic = if out.rejected { &self.topics.rejected } else { &self.topics.committed };
+    fn emission(&self, py: Python, outcome: &Outcome) -> PyResult<PyObject> {
+        let topic = if outcome.rejected { &self.topics.rejected } else { &self.topics.committed };
         self.emission.call1(py, (
-            topic, self.partition, PyBytes::new_bound(py, out.ledger.as_bytes()),
-            PyBytes::new_bound(py, &out.value), &out.request_id,
+            topic, self.partition, PyBytes::new_bound(py, outcome.ledger.as_bytes()),
+            PyBytes::new_bound(py, &outcome.value), &outcome.request_id,
         ))
     }
 
     /// The index of the last outcome of each topic.
     fn lasts(&self) -> [Option<usize>; 2] {
-        let last = |rejected: bool| self.outcomes.iter().rposition(|out| out.rejected == rejected);
+        let last = |rejected: bool| self.outcomes.iter().rposition(|outcome| outcome.rejected == rejected);
         [last(false), last(true)]
     }
 }
@@ -782,8 +782,8 @@ impl Round {
     #[getter]
     fn emissions<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyList>> {
         let list = PyList::empty_bound(py);
-        for out in &self.outcomes {
-            list.append(self.emission(py, out)?)?;
+        for outcome in &self.outcomes {
+            list.append(self.emission(py, outcome)?)?;
         }
         Ok(list)
     }
@@ -800,10 +800,10 @@ impl Round {
             if lasts.contains(&Some(at)) {
                 return None;
             }
-            let out = &self.outcomes[at];
+            let outcome = &self.outcomes[at];
             Some(Record {
-                topic: &topics.names[out.rejected as usize], key: out.ledger.as_bytes(), value: &out.value,
-                request_id: out.request_id.as_bytes(),
+                topic: &topics.names[outcome.rejected as usize], key: outcome.ledger.as_bytes(), value: &outcome.value,
+                request_id: outcome.request_id.as_bytes(),
             })
         })
     }
@@ -822,11 +822,6 @@ impl Round {
     fn __len__(&self) -> usize {
         self.writes.len()
     }
-}
-
-enum Outcome {
-    Committed { ledger: String, request_id: String, value: Vec<u8> },
-    Rejected { ledger: String, request_id: String, value: Vec<u8> },
 }
 
 struct Fallback;
@@ -1182,7 +1177,7 @@ impl Work<'_> {
         push_avro_bytes(&mut value, idempotency_hash.as_bytes());
         push_avro_bytes(&mut value, &hash);
         push_avro_bytes(&mut value, request_id.as_bytes());
-        Ok(Outcome::Committed { ledger: t.ledger.clone(), request_id: t.request_id.clone(), value })
+        Ok(Outcome { rejected: false, ledger: t.ledger.clone(), request_id: t.request_id.clone(), value })
     }
 
     /// `Conflict` (the reference is taken) as `execute` records and publishes it.
@@ -1228,7 +1223,7 @@ impl Work<'_> {
         push_avro_bytes(&mut value, message.as_bytes());
         push_avro_bytes(&mut value, details);
         push_long(&mut value, now);
-        Outcome::Rejected { ledger: t.ledger.clone(), request_id: t.request_id.clone(), value }
+        Outcome { rejected: true, ledger: t.ledger.clone(), request_id: t.request_id.clone(), value }
     }
 }
 
@@ -1278,7 +1273,7 @@ impl Engine {
     #[new]
     #[allow(clippy::too_many_arguments)]
     fn new(
-        partition: i32, partitions: i32, requests_header: Vec<u8>, log_header: Vec<u8>,
+        py: Python, partition: i32, partitions: i32, requests_header: Vec<u8>, log_header: Vec<u8>,
         rejection_header: Vec<u8>, emission: PyObject, committed_topic: PyObject,
         rejected_topic: PyObject, cache_max: usize,
     ) -> PyResult<Self> {
@@ -1286,8 +1281,7 @@ impl Engine {
             return Err(PyValueError::new_err("partition out of range"));
         }
         let name = |topic: &PyObject| -> PyResult<CString> {
-            CString::new(Python::with_gil(|py| topic.extract::<String>(py))?)
-                .map_err(|_| PyValueError::new_err("a topic name with a NUL"))
+            CString::new(topic.extract::<String>(py)?).map_err(|_| PyValueError::new_err("a topic name with a NUL"))
         };
         let names = [name(&committed_topic)?, name(&rejected_topic)?];
         let topics = Arc::new(Topics { committed: committed_topic, rejected: rejected_topic, names });
@@ -1430,20 +1424,13 @@ impl Engine {
         writes.sort_by(|a, b| a.0.cmp(&b.0));
         let claims = writes.iter().filter(|(k, _)| is_claim(k)).map(|(k, _)| k.clone()).collect();
         self.pending = Some((self.rounds, undo));
-        let mut counts: FxMap<String, (usize, usize)> = FxMap::default();
-        let (mut committed, mut rejected) = (0, 0);
-        let outcomes: Vec<Out> = outcomes.into_iter().map(|outcome| match outcome {
-            Outcome::Committed { ledger, request_id, value } => {
-                committed += 1;
-                counts.entry(ledger.clone()).or_default().0 += 1;
-                Out { rejected: false, ledger, request_id, value }
-            }
-            Outcome::Rejected { ledger, request_id, value } => {
-                rejected += 1;
-                counts.entry(ledger.clone()).or_default().1 += 1;
-                Out { rejected: true, ledger, request_id, value }
-            }
-        }).collect();
+        let mut counts: FxMap<&str, (usize, usize)> = FxMap::default();
+        for outcome in &outcomes {
+            let count = counts.entry(outcome.ledger.as_str()).or_default();
+            if outcome.rejected { count.1 += 1 } else { count.0 += 1 }
+        }
+        let rejected = outcomes.iter().filter(|outcome| outcome.rejected).count();
+        let committed = outcomes.len() - rejected;
         let per_ledger = PyDict::new_bound(py);
         for (ledger, (applied, refused)) in counts {
             per_ledger.set_item(ledger, vec![applied, refused])?;
