@@ -18,6 +18,30 @@ from streamledger.kafka_local import free_ports
 ROOT = Path(__file__).resolve().parents[2]
 
 
+def committed_records(bootstrap: str, topic: str, partition: int = 0, timeout: float = 20) -> list:
+    """Every record of a topic's partition a read_committed reader sees, to its end."""
+    from confluent_kafka import Consumer, KafkaError, TopicPartition
+
+    consumer = Consumer({"bootstrap.servers": bootstrap, "group.id": uuid.uuid4().hex,
+                         "isolation.level": "read_committed", "enable.partition.eof": True})
+    consumer.assign([TopicPartition(topic, partition, 0)])
+    records = []
+    try:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            message = consumer.poll(0.5)
+            if message is None:
+                continue
+            if message.error() is not None:
+                if message.error().code() == KafkaError._PARTITION_EOF:
+                    break
+                raise AssertionError(message.error())
+            records.append(message)
+    finally:
+        consumer.close()
+    return records
+
+
 @dataclass
 class Response:
     status: int

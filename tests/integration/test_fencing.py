@@ -19,7 +19,7 @@ import time
 import uuid
 
 import pytest
-from confluent_kafka import Consumer, KafkaError, Producer, TopicPartition
+from confluent_kafka import Consumer, Producer, TopicPartition
 from confluent_kafka.admin import AdminClient, NewTopic
 
 from ledger.commands import CreateLedger, Request
@@ -30,6 +30,7 @@ from streams.processor import CatchUpCancelled, PartitionProcessor, watermark_pr
 from streams.settings import Settings
 from streams.topics import producer_config
 from streams.writer import Emission, GroupMoved, Writer
+from tests.integration.stack import committed_records
 
 pytestmark = pytest.mark.integration
 
@@ -41,24 +42,7 @@ def _topics(bootstrap: str, *names: str) -> None:
 
 
 def _visible(bootstrap: str, topic: str) -> list[bytes]:
-    consumer = Consumer({"bootstrap.servers": bootstrap, "group.id": uuid.uuid4().hex,
-                         "isolation.level": "read_committed", "enable.partition.eof": True})
-    consumer.assign([TopicPartition(topic, 0, 0)])
-    values: list[bytes] = []
-    try:
-        deadline = time.monotonic() + 20
-        while time.monotonic() < deadline:
-            message = consumer.poll(0.5)
-            if message is None:
-                continue
-            if message.error() is not None:
-                if message.error().code() == KafkaError._PARTITION_EOF:
-                    break
-                raise AssertionError(message.error())
-            values.append(message.value())
-    finally:
-        consumer.close()
-    return values
+    return [message.value() for message in committed_records(bootstrap, topic)]
 
 
 def _member(bootstrap: str, group: str, topic: str, **conf) -> Consumer:

@@ -10,11 +10,10 @@ Own topic names (uuid), so the suite's worker never sees these records.
 
 from __future__ import annotations
 
-import time
 import uuid
 
 import pytest
-from confluent_kafka import Consumer, KafkaError, KafkaException, TopicPartition
+from confluent_kafka import KafkaError, KafkaException
 from confluent_kafka.admin import AdminClient, NewTopic
 
 from ledger.commands import CreateLedger, CreateTransaction, Request
@@ -24,6 +23,7 @@ from streams import writer as writer_module
 from streams.processor import PartitionProcessor, streamledger_native
 from streams.settings import Settings
 from streams.writer import Writer
+from tests.integration.stack import committed_records
 
 pytestmark = [
     pytest.mark.integration,
@@ -67,24 +67,7 @@ def _transfers(n: int, **fields) -> list[Request]:
 
 def _read(bootstrap: str, topic: str) -> list[tuple[bytes, bytes, bytes]]:
     """(key, value, request_id header) of every committed record of the topic's partition 0."""
-    consumer = Consumer({"bootstrap.servers": bootstrap, "group.id": uuid.uuid4().hex,
-                         "isolation.level": "read_committed", "enable.partition.eof": True})
-    consumer.assign([TopicPartition(topic, 0, 0)])
-    records = []
-    try:
-        deadline = time.monotonic() + 20
-        while time.monotonic() < deadline:
-            message = consumer.poll(0.5)
-            if message is None:
-                continue
-            if message.error() is not None:
-                if message.error().code() == KafkaError._PARTITION_EOF:
-                    break
-                raise AssertionError(message.error())
-            records.append((message.key(), message.value(), dict(message.headers())["request_id"]))
-    finally:
-        consumer.close()
-    return records
+    return [(m.key(), m.value(), dict(m.headers())["request_id"]) for m in committed_records(bootstrap, topic)]
 
 
 @pytest.mark.parametrize("native_produce", [True, False])
