@@ -24,6 +24,14 @@ amount_digits_max = 200
 requests_per_record_max = 2_000
 record_bytes_max = 900 * 1024  # below Kafka's default 1 MiB message.max.bytes
 
+# The log: the largest outcome record the worker publishes (ledger.committed, ledger.rejected,
+# ledger.replies, whose topics and producers are configured for it). A log entry carries
+# its transaction's postings and every account's volumes twice: a request of 455 KB
+# (1,000 postings to ~400-byte addresses) logs ~1.5 MB, above Kafka's default 1 MB record.
+# The largest requests (record_bytes_max; a script writing 1,000 postings between 1 KB
+# addresses, with 200-digit amounts) stay well under this.
+log_record_bytes_max = 16 * 1024 * 1024
+
 # The worker: requests applied per Kafka transaction.
 batch_requests_max = 4_000
 
@@ -37,3 +45,4 @@ assert postings_per_transaction_max <= requests_per_record_max * 10
 assert requests_per_record_max <= batch_requests_max
 assert page_size_default <= page_size_max
 assert numscript_source_bytes_max < record_bytes_max
+assert 4 * record_bytes_max < log_record_bytes_max

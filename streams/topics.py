@@ -9,7 +9,12 @@ keys exactly as Java's default partitioner does (murmur2): librdkafka's default
 
 from __future__ import annotations
 
+import logging
 import time
+
+from ledger import limits
+
+log = logging.getLogger("streamledger.topics")
 
 REQUESTS = "ledger.requests"
 COMMITTED = "ledger.committed"
@@ -19,13 +24,17 @@ REJECTED = "ledger.rejected"
 REPLIES = "ledger.replies"
 ALL_TOPICS = (REQUESTS, COMMITTED, REJECTED, REPLIES)
 
+# The outcome topics take records of up to `ledger.limits.log_record_bytes_max` (a log
+# entry of a large transaction outgrows Kafka's default 1 MB); `ensure_topics` raises it
+# on such topics created before.
+_OUTCOME_RECORDS = {"max.message.bytes": str(limits.log_record_bytes_max)}
 # The committed log is the database and rejections are part of the dedupe state a store is
 # rebuilt from: neither may ever expire. Replies are only for waiting callers.
 TOPIC_CONFIGS: dict[str, dict[str, str]] = {
     REQUESTS: {},
-    COMMITTED: {"retention.ms": "-1", "retention.bytes": "-1"},
-    REJECTED: {"retention.ms": "-1", "retention.bytes": "-1"},
-    REPLIES: {"retention.ms": str(24 * 3600 * 1000)},
+    COMMITTED: {"retention.ms": "-1", "retention.bytes": "-1", **_OUTCOME_RECORDS},
+    REJECTED: {"retention.ms": "-1", "retention.bytes": "-1", **_OUTCOME_RECORDS},
+    REPLIES: {"retention.ms": str(24 * 3600 * 1000), **_OUTCOME_RECORDS},
 }
 
 PARTITIONER = "murmur2_random"  # librdkafka's name for Java's murmur2 (null keys: random)
@@ -191,7 +200,35 @@ def ensure_topics(
             + ". Use the existing count (STREAMLEDGER_PARTITIONS) or recreate the topics; "
             "changing it would move ledgers to other partitions."
         )
+    _raise_record_limits(admin, {t: TOPIC_CONFIGS[t]["max.message.bytes"] for t in ALL_TOPICS
+                                 if t in existing and "max.message.bytes" in TOPIC_CONFIGS[t]}, timeout)
     return {t: counts[t] for t in ALL_TOPICS}
+
+
+def _raise_record_limits(admin, wanted: dict[str, str], timeout: float) -> None:
+    """Give topics created before their record limit was configured ({topic:
+    max.message.bytes}, from `TOPIC_CONFIGS`) at least that limit: a log entry above it
+    would fail its round forever."""
+    from confluent_kafka import KafkaException
+    from confluent_kafka.admin import AlterConfigOpType, ConfigEntry, ConfigResource, ResourceType
+
+    if not wanted:
+        return
+    try:
+        described = admin.describe_configs([ConfigResource(ResourceType.TOPIC, t) for t in wanted],
+                                           request_timeout=timeout)
+        low = [resource.name for resource, future in described.items()
+               if int(future.result()["max.message.bytes"].value) < int(wanted[resource.name])]
+        if not low:
+            return
+        altered = admin.incremental_alter_configs([ConfigResource(ResourceType.TOPIC, t, incremental_configs=[
+            ConfigEntry("max.message.bytes", wanted[t], incremental_operation=AlterConfigOpType.SET)]) for t in low])
+        for future in altered.values():
+            future.result()
+        log.info("raised max.message.bytes of %s", ", ".join(f"{t} to {wanted[t]}" for t in low))
+    except KafkaException as error:
+        log.warning("could not raise max.message.bytes of %s (%s): a log entry above a topic's limit "
+                    "would stop its partition; set it by hand", wanted, error)
 
 
 def describe_topics(bootstrap: str, timeout: float = 10.0) -> dict[str, int | None]:

@@ -37,6 +37,7 @@ from dataclasses import dataclass
 
 from confluent_kafka import KafkaError, KafkaException, Producer, TopicPartition
 
+from ledger import limits
 from streams.logs import exit_process
 from streams.topics import REPLIES, REQUESTS, producer_config
 
@@ -161,6 +162,8 @@ class Writer:
                 "linger.ms": 0,
                 "compression.type": "lz4",
                 "transaction.timeout.ms": TRANSACTION_TIMEOUT_MS,
+                # A log entry may outgrow Kafka's default 1 MB (see TOPIC_CONFIGS).
+                "message.max.bytes": limits.log_record_bytes_max,
             },
         ))
         try:

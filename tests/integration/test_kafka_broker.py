@@ -101,6 +101,34 @@ def test_ensure_topics_is_idempotent_with_8_partitions(kafka_bootstrap):
 
 
 @pytest.mark.integration
+def test_outcome_topics_take_large_log_entries_even_when_created_before(kafka_bootstrap):
+    """New outcome topics are created with max.message.bytes at the log's record bound; one
+    created before with Kafka's default (an older streamledger) is raised to it."""
+    import uuid
+
+    from confluent_kafka.admin import AdminClient, ConfigResource, NewTopic, ResourceType
+
+    from ledger import limits
+
+    admin = AdminClient({"bootstrap.servers": kafka_bootstrap})
+
+    def limit(topic: str) -> int:
+        [future] = admin.describe_configs([ConfigResource(ResourceType.TOPIC, topic)]).values()
+        return int(future.result(30)["max.message.bytes"].value)
+
+    topics.ensure_topics(kafka_bootstrap, partitions=8)
+    for topic in (topics.COMMITTED, topics.REJECTED, topics.REPLIES):
+        assert limit(topic) == limits.log_record_bytes_max
+    old = f"old-outcomes-{uuid.uuid4().hex[:8]}"
+    admin.create_topics([NewTopic(old, 1, 1)])[old].result(30)
+    assert limit(old) < limits.log_record_bytes_max
+    wanted = {old: str(limits.log_record_bytes_max)}
+    topics._raise_record_limits(admin, wanted, 30)  # noqa: SLF001
+    assert limit(old) == limits.log_record_bytes_max
+    topics._raise_record_limits(admin, wanted, 30)  # noqa: SLF001 — already there: nothing to do
+
+
+@pytest.mark.integration
 def test_future_timestamps_are_accepted(kafka_bootstrap):
     # Kafka 4.x rejects records stamped > 1 h ahead unless log.message.timestamp.after.max.ms
     # is lifted; tests with fixed or future clocks rely on the lift.

@@ -152,3 +152,20 @@ def test_back_dated_transactions_change_effective_volumes_of_later_ones(ledger):
     assert at_pit["effectiveVolumes"]["USD"] == {"input": 100, "output": 0, "balance": 100}
     bad_pit = http("GET", f"{ledger}/accounts/a?pit=yesterday")
     assert bad_pit.status == 400 and bad_pit.body["errorCode"] == "VALIDATION"
+
+
+def test_a_transaction_whose_log_entry_is_larger_than_kafkas_default_record_is_committed(ledger):
+    """A ~455 KB request (1,000 postings to accounts of ~400-byte addresses) makes a
+    ~1.5 MB log entry (its postings, then every account's volumes twice): above Kafka's
+    default 1 MB record. The log topics and the worker's producers take records up to
+    `ledger.limits.log_record_bytes_max`; before, the round failed and was retried
+    forever, and the partition with it."""
+    address = "users:" + "x" * 400
+    postings = [{"source": "world", "destination": f"{address}{i:04d}", "amount": 7, "asset": "USD"}
+                for i in range(1000)]
+    created = http("POST", f"{ledger}/transactions", {"postings": postings}, timeout=60)
+    assert created.status == 200, created.body
+    assert len(created.body["data"]["postings"]) == 1000
+    assert balances(ledger, f"{address}0999") == {"USD": 7}
+    # The partition goes on.
+    assert http("POST", f"{ledger}/transactions", tx("world", "a", 1)).status == 200
