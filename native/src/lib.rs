@@ -1463,8 +1463,12 @@ impl Engine {
         for k in &round.claims {
             self.unstored.remove(k); // (a claim is never in two rounds: a second one is refused)
         }
-        // (Taken by the store's writer thread, unless written through rocksdict.)
-        recycle_writes(std::mem::take(&mut round.writes));
+        // Taken by the store's writer thread (which recycles them), unless written through
+        // rocksdict: then recycled here.
+        let writes = std::mem::take(&mut round.writes);
+        if writes.capacity() > 0 {
+            recycle_writes(writes);
+        }
     }
 
     /// Something else wrote the store (after every committed round's writes): forget
