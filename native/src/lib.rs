@@ -818,10 +818,6 @@ impl Round {
         }
         Ok(list)
     }
-
-    fn __len__(&self) -> usize {
-        self.writes.len()
-    }
 }
 
 struct Fallback;
