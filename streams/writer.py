@@ -211,11 +211,11 @@ class Writer:
             producer.begin_transaction()
             for chunk in chunks:
                 if not isinstance(chunk, list):  # a native round
-                    if self._kafka is None:
-                        self._produce(producer, chunk.emissions, delivered)
-                        continue
-                    self._produce_native(producer, chunk)
-                    chunk = chunk.last_emissions()
+                    if self._kafka is not None:
+                        self._produce_native(producer, chunk)
+                        chunk = chunk.last_emissions()
+                    else:
+                        chunk = chunk.emissions
                 self._produce(producer, chunk, delivered)
             timings["produce"] = (mark := time.perf_counter()) - started
             if before_flush is not None:
