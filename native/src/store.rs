@@ -47,12 +47,20 @@ fn shared(block_cache_mb: usize, write_buffers_mb: usize) -> (Cache, WriteBuffer
     made
 }
 
+/// Level-0 files before a compaction into the base level (RocksDB's default is 4), as in
+/// `streams/store.py`. Every flush overlaps the whole base level (keys of every ledger and
+/// random request ids), so each compaction rewrites it all: waiting for 8 files halves
+/// that rewriting. Measured (alternated, 600k-request uniform phases): the worker's CPU
+/// ~20.0 -> ~17.9 us per request; the probes of 4 more files per read did not show.
+const L0_COMPACTION_TRIGGER: i32 = 8;
+
 fn options(block_cache_mb: usize, write_buffer_mb: usize) -> Options {
     let (cache, buffers) = shared(block_cache_mb, 4 * write_buffer_mb);
     let mut options = Options::default();
     options.create_if_missing(true);
     options.set_write_buffer_size(write_buffer_mb << 20);
     options.set_max_write_buffer_number(2);
+    options.set_level_zero_file_num_compaction_trigger(L0_COMPACTION_TRIGGER);
     options.set_write_buffer_manager(&buffers);
     let mut table = BlockBasedOptions::default();
     table.set_block_cache(&cache);

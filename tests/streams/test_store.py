@@ -425,3 +425,13 @@ def test_a_store_says_its_format_and_a_newer_one_is_refused_clearly(tmp_path):
     with pytest.raises(StoreError):  # the refusal released the database: refused again, not locked
         again = PartitionStore(tmp_path / "newer", rocksdb_options(8, 4))
     assert again is None
+
+
+def test_both_bindings_open_a_store_with_the_same_compaction_trigger(store):
+    """RocksDB records the options a database was opened with in its OPTIONS file: the
+    level-0 trigger the worker tuned is what either binding actually opened it with."""
+    from streams.store import L0_COMPACTION_TRIGGER
+
+    options = max(store.path.glob("OPTIONS-*"), key=lambda p: int(p.name.split("-")[1])).read_text()
+    assert f"level0_file_num_compaction_trigger={L0_COMPACTION_TRIGGER}\n" in options
+    assert L0_COMPACTION_TRIGGER != 4  # RocksDB's default: the line above must not pass by chance
