@@ -741,8 +741,13 @@ fn spare_writes() -> Writes {
     SPARE_WRITES.lock().unwrap().pop().unwrap_or_default()
 }
 
-/// Empty `writes` (freeing its keys and values here) and keep it for a next round.
+/// Empty `writes` (freeing its keys and values here) and keep it for a next round, unless
+/// it holds no memory to reuse (what a round leaves behind once the store's writer thread
+/// took its writes: a pool of those would hand the next rounds lists grown from nothing).
 pub(crate) fn recycle_writes(mut writes: Writes) {
+    if writes.capacity() == 0 {
+        return;
+    }
     writes.clear();
     let mut spare = SPARE_WRITES.lock().unwrap();
     if spare.len() < 4 {
@@ -1461,10 +1466,7 @@ impl Engine {
         }
         // Taken by the store's writer thread (which recycles them), unless written through
         // rocksdict: then recycled here.
-        let writes = std::mem::take(&mut round.writes);
-        if writes.capacity() > 0 {
-            recycle_writes(writes);
-        }
+        recycle_writes(std::mem::take(&mut round.writes));
     }
 
     /// Something else wrote the store (after every committed round's writes): forget
