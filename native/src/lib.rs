@@ -68,8 +68,9 @@ struct Posting {
 }
 
 struct Transfer {
-    request_id: String,
-    ledger: String,
+    // Shared with the outcomes (`Outcome`): a clone is a count, not a copy.
+    request_id: Arc<str>,
+    ledger: Arc<str>,
     postings: Vec<Posting>,
     /// Transaction metadata in the record's order (Python's dict order).
     metadata: Vec<(String, String)>,
@@ -353,7 +354,7 @@ fn read_transfer(reader: &mut Reader, partition: i32, partitions: i32) -> Option
     }
     reader.text()?; // reply_to
     Some(Transfer {
-        request_id: request_id.to_owned(), ledger: ledger.to_owned(), postings, metadata, reference, idempotency, force,
+        request_id: request_id.into(), ledger: ledger.into(), postings, metadata, reference, idempotency, force,
     })
 }
 
@@ -459,30 +460,32 @@ fn push_postings(out: &mut Vec<u8>, postings: &[Posting], objects: bool) {
 }
 
 /// {account: {asset: volumes}}: `volumes_json` (input, output, balance) for the log, or
-/// the stored transaction's [input, output].
-fn push_volumes(out: &mut Vec<u8>, post: &[(&str, Vec<(&str, i128, i128)>)], objects: bool) {
+/// the stored transaction's [input, output]. `post` is grouped by account.
+fn push_volumes(out: &mut Vec<u8>, post: &[(&str, &str, i128, i128)], objects: bool) {
     out.push(b'{');
-    for (i, (account, by_asset)) in post.iter().enumerate() {
-        if i > 0 {
+    for (i, &(account, asset, input, output)) in post.iter().enumerate() {
+        let same_account = i > 0 && post[i - 1].0 == account;
+        if same_account {
             out.push(b',');
-        }
-        push_quoted(out, account);
-        out.extend_from_slice(b":{");
-        for (j, (asset, input, output)) in by_asset.iter().enumerate() {
-            if j > 0 {
-                out.push(b',');
+        } else {
+            if i > 0 {
+                out.extend_from_slice(b"},");
             }
-            push_quoted(out, asset);
-            out.extend_from_slice(if objects { b":{\"input\":" } else { b":[" });
-            push_int(out, *input);
-            out.extend_from_slice(if objects { b",\"output\":" } else { b"," });
-            push_int(out, *output);
-            if objects {
-                out.extend_from_slice(b",\"balance\":");
-                push_int(out, input - output);
-            }
-            out.push(if objects { b'}' } else { b']' });
+            push_quoted(out, account);
+            out.extend_from_slice(b":{");
         }
+        push_quoted(out, asset);
+        out.extend_from_slice(if objects { b":{\"input\":" } else { b":[" });
+        push_int(out, input);
+        out.extend_from_slice(if objects { b",\"output\":" } else { b"," });
+        push_int(out, output);
+        if objects {
+            out.extend_from_slice(b",\"balance\":");
+            push_int(out, input - output);
+        }
+        out.push(if objects { b'}' } else { b']' });
+    }
+    if !post.is_empty() {
         out.push(b'}');
     }
     out.push(b'}');
@@ -504,20 +507,21 @@ fn push_int(out: &mut Vec<u8>, value: impl itoa::Integer) {
 const BASE64: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
 
 fn base64(data: &[u8]) -> String {
-    let mut out = String::with_capacity(data.len().div_ceil(3) * 4);
-    for chunk in data.chunks(3) {
+    let mut out = vec![0u8; data.len().div_ceil(3) * 4];
+    base64_into(&mut out, data);
+    String::from_utf8(out).expect("base64 is ASCII")
+}
+
+/// Standard base64 with padding into `out`, exactly `data.len().div_ceil(3) * 4` bytes.
+fn base64_into(out: &mut [u8], data: &[u8]) {
+    for (chunk, quad) in data.chunks(3).zip(out.chunks_mut(4)) {
         let n = (chunk[0] as u32) << 16
             | (*chunk.get(1).unwrap_or(&0) as u32) << 8
             | *chunk.get(2).unwrap_or(&0) as u32;
-        for i in 0..4 {
-            if i <= chunk.len() {
-                out.push(BASE64[(n >> (18 - 6 * i) & 63) as usize] as char);
-            } else {
-                out.push('=');
-            }
+        for (i, slot) in quad.iter_mut().enumerate() {
+            *slot = if i <= chunk.len() { BASE64[(n >> (18 - 6 * i) & 63) as usize] } else { b'=' };
         }
     }
-    out
 }
 
 fn unbase64(text: &str) -> Option<Vec<u8>> {
@@ -582,6 +586,13 @@ fn rfc3339(micros: i64) -> String {
 
 fn key(parts: &[&[u8]]) -> Vec<u8> {
     let mut out = Vec::with_capacity(parts.iter().map(|p| p.len() + 1).sum());
+    key_into(&mut out, parts);
+    out
+}
+
+/// `key` into a reused buffer: the key to look something up with, allocated only when kept.
+fn key_into<'k>(out: &'k mut Vec<u8>, parts: &[&[u8]]) -> &'k [u8] {
+    out.clear();
     for (i, part) in parts.iter().enumerate() {
         if i > 0 {
             out.push(0);
@@ -697,8 +708,8 @@ fn parse_stored(key: &[u8], raw: &[u8]) -> Option<Value> {
 /// A request's outcome: a log entry (to the committed topic) or a rejection.
 struct Outcome {
     rejected: bool,
-    ledger: String,
-    request_id: String,
+    ledger: Arc<str>,
+    request_id: Arc<str>,
     value: Vec<u8>,
 }
 
@@ -760,7 +771,7 @@ impl Round {
         let topic = if outcome.rejected { &self.topics.rejected } else { &self.topics.committed };
         self.emission.call1(py, (
             topic, self.partition, PyBytes::new_bound(py, outcome.ledger.as_bytes()),
-            PyBytes::new_bound(py, &outcome.value), &outcome.request_id,
+            PyBytes::new_bound(py, &outcome.value), &*outcome.request_id,
         ))
     }
 
@@ -834,13 +845,26 @@ fn is_claim(key: &[u8]) -> bool {
 }
 
 /// Where (account, asset) is in a transfer's list of the pairs it moves.
-fn pair_of(pairs: &[(&str, &str, Vec<u8>, (i128, i128))], account: &str, asset: &str) -> usize {
-    pairs.iter().position(|(a, s, ..)| *a == account && *s == asset).expect("every pair listed")
+fn pair_of(pairs: &[(&str, &str, (i128, i128))], account: &str, asset: &str) -> usize {
+    pairs.iter().position(|(a, s, _)| *a == account && *s == asset).expect("every pair listed")
+}
+
+/// Buffers a round's transfers reuse, one after the other (each cleared before use): the
+/// keys they look things up with and the JSON they build only to copy or hash.
+#[derive(Default)]
+struct Scratch {
+    key: Vec<u8>,
+    postings: Vec<u8>,
+    memento: Vec<u8>,
+    transaction: Vec<u8>,
+    line: Vec<u8>,
+    volumes: Vec<u8>,
+    data: Vec<u8>,
 }
 
 /// A round in progress. It changes the engine's cache in place, remembering what each
 /// key held before (`undo`), so a round that is never committed is rolled back.
-struct Work<'e> {
+struct Work<'e, 'b> {
     cache: &'e mut FxMap<Vec<u8>, (Value, u64)>,
     number: u64,
     undo: Vec<(Vec<u8>, Option<(Value, u64)>)>,
@@ -848,33 +872,35 @@ struct Work<'e> {
     answered: FxSet<Vec<u8>>,
     /// Reference keys taken: in the store (fetched) or by this round.
     references: FxSet<Vec<u8>>,
-    seen: FxSet<String>,
+    seen: FxSet<&'b str>,
     writes: Vec<(Vec<u8>, Vec<u8>)>,
     log_header: &'e [u8],
     rejection_header: &'e [u8],
     /// The last date written out (a round's transfers mostly share one).
     date_text: (i64, String),
+    scratch: Scratch,
 }
 
-impl Work<'_> {
+impl<'b> Work<'_, 'b> {
     fn value(&self, key: &[u8]) -> Result<&Value, Fallback> {
         // Every key a round reads was fetched into the cache before it started.
         self.cache.get(key).map(|(value, _)| value).ok_or(Fallback)
     }
 
-    fn set(&mut self, key: Vec<u8>, value: Value) {
-        use std::collections::hash_map::Entry;
-        match self.cache.entry(key) {
-            Entry::Occupied(mut slot) => {
-                let first_change = slot.get().1 != self.number;
-                let previous = slot.insert((value, self.number));
+    /// The key's value is now `value`; its previous one goes to the undo log the first
+    /// time this round changes it (the key is copied only then, or when it is new).
+    fn set(&mut self, key: &[u8], value: Value) {
+        match self.cache.get_mut(key) {
+            Some(slot) => {
+                let first_change = slot.1 != self.number;
+                let previous = std::mem::replace(slot, (value, self.number));
                 if first_change {
-                    self.undo.push((slot.key().clone(), Some(previous)));
+                    self.undo.push((key.to_vec(), Some(previous)));
                 }
             }
-            Entry::Vacant(slot) => {
-                self.undo.push((slot.key().clone(), None));
-                slot.insert((value, self.number));
+            None => {
+                self.undo.push((key.to_vec(), None));
+                self.cache.insert(key.to_vec(), (value, self.number));
             }
         }
     }
@@ -895,40 +921,45 @@ impl Work<'_> {
         }
     }
 
-    fn transfer(&mut self, t: &Transfer, now: i64) -> Result<Outcome, Fallback> {
+    fn transfer(&mut self, t: &'b Transfer, now: i64) -> Result<Outcome, Fallback> {
+        let mut scratch = std::mem::take(&mut self.scratch);
+        let outcome = self.transfer_with(t, now, &mut scratch);
+        self.scratch = scratch;
+        outcome
+    }
+
+    fn transfer_with(&mut self, t: &'b Transfer, now: i64, s: &mut Scratch) -> Result<Outcome, Fallback> {
         let ledger = t.ledger.as_bytes();
         // A request id already answered is replayed by the Python path.
-        if !self.seen.insert(t.request_id.clone())
-            || (!self.answered.is_empty() && self.answered.contains(&key(&[b"Q", t.request_id.as_bytes()])[..]))
+        if !self.seen.insert(&*t.request_id)
+            || (!self.answered.is_empty() && self.answered.contains(key_into(&mut s.key, &[b"Q", t.request_id.as_bytes()])))
         {
             return Err(Fallback);
         }
         // An idempotency key used before (in the store or this round) is a replay, or a
         // refusal of a different input: the Python path's.
         if let Some((idempotency_key, _)) = &t.idempotency {
-            if self.answered.contains(&key(&[b"I", ledger, idempotency_key.as_bytes()])[..]) {
+            if self.answered.contains(key_into(&mut s.key, &[b"I", ledger, idempotency_key.as_bytes()])) {
                 return Err(Fallback);
             }
         }
-        let effective_volumes = match self.value(&key(&[b"L", ledger]))? {
+        let effective_volumes = match self.value(key_into(&mut s.key, &[b"L", ledger]))? {
             Value::Ledger { effective_volumes } => *effective_volumes,
             _ => return Err(Fallback), // LEDGER_NOT_FOUND: the Python path rejects it
         };
         if let Some(reference) = &t.reference {
-            let reference_key = key(&[b"R", ledger, reference.as_bytes()]);
-            if self.references.contains(&reference_key) {
+            if self.references.contains(key_into(&mut s.key, &[b"R", ledger, reference.as_bytes()])) {
                 return Ok(self.conflict(t, reference, now));
             }
         }
-        // Every (account, asset) the postings move, in order of first appearance: its
-        // volumes key (built once) and its volumes before the transfer.
-        let mut pairs: Vec<(&str, &str, Vec<u8>, (i128, i128))> = Vec::with_capacity(2 * t.postings.len());
+        // Every (account, asset) the postings move, in order of first appearance, with its
+        // volumes before the transfer.
+        let mut pairs: Vec<(&str, &str, (i128, i128))> = Vec::with_capacity(2 * t.postings.len());
         for p in &t.postings {
             for account in [p.source.as_str(), p.destination.as_str()] {
-                if !pairs.iter().any(|(a, s, ..)| *a == account && *s == p.asset) {
-                    let volume_key = key(&[b"V", ledger, account.as_bytes(), p.asset.as_bytes()]);
-                    let volumes = self.volumes(&volume_key)?;
-                    pairs.push((account, p.asset.as_str(), volume_key, volumes));
+                if !pairs.iter().any(|(a, s, _)| *a == account && *s == p.asset) {
+                    let volumes = self.volumes(key_into(&mut s.key, &[b"V", ledger, account.as_bytes(), p.asset.as_bytes()]))?;
+                    pairs.push((account, p.asset.as_str(), volumes));
                 }
             }
         }
@@ -946,8 +977,7 @@ impl Work<'_> {
                 balances[destination] = balances[destination].checked_add(p.amount).ok_or(Fallback)?;
             }
         }
-        let head_key = key(&[b"H", ledger]);
-        let head = self.head(&head_key)?;
+        let head = self.head(key_into(&mut s.key, &[b"H", ledger]))?;
         let date = now.max(head.last_date);
         let timestamp = date;
         if head.max_timestamp.is_some_and(|latest| timestamp < latest) {
@@ -955,22 +985,16 @@ impl Work<'_> {
         }
         let transaction_id = head.last_transaction_id + 1;
         let log_id = head.last_log_id + 1;
-        // Post-commit volumes, accounts and assets in order of first appearance.
-        let mut post: Vec<(&str, Vec<(&str, i128, i128)>)> = Vec::new();
+        // Post-commit volumes: (account, asset, input, output), grouped by account in
+        // order of first appearance, assets in order of first appearance within each.
+        let mut post: Vec<(&str, &str, i128, i128)> = Vec::with_capacity(pairs.len());
         for p in &t.postings {
             for (account, is_source) in [(p.source.as_str(), true), (p.destination.as_str(), false)] {
-                let slot = match post.iter().position(|(a, _)| *a == account) {
-                    Some(i) => i,
-                    None => {
-                        post.push((account, Vec::new()));
-                        post.len() - 1
-                    }
-                };
                 let asset = p.asset.as_str();
-                let held = post[slot].1.iter().position(|(a, _, _)| *a == asset);
+                let held = post.iter().position(|(a, s, ..)| *a == account && *s == asset);
                 let (input, output) = match held {
-                    Some(i) => (post[slot].1[i].1, post[slot].1[i].2),
-                    None => pairs[pair_of(&pairs, account, asset)].3,
+                    Some(i) => (post[i].2, post[i].3),
+                    None => pairs[pair_of(&pairs, account, asset)].2,
                 };
                 let updated = if is_source {
                     (input, output.checked_add(p.amount).ok_or(Fallback)?)
@@ -981,18 +1005,24 @@ impl Work<'_> {
                     return Err(Fallback);
                 }
                 match held {
-                    Some(i) => post[slot].1[i] = (asset, updated.0, updated.1),
-                    None => post[slot].1.push((asset, updated.0, updated.1)),
+                    Some(i) => post[i] = (account, asset, updated.0, updated.1),
+                    None => {
+                        // After the account's last asset, or last when the account is new.
+                        let at = post.iter().rposition(|(a, ..)| *a == account).map_or(post.len(), |i| i + 1);
+                        post.insert(at, (account, asset, updated.0, updated.1));
+                    }
                 }
             }
         }
         // Accounts: created on first use; one used before at a later date takes the
         // Python path (its first usage moves back, its metadata is rewritten).
-        let mut new_accounts = Vec::new();
-        for (account, _) in &post {
-            let account_key = key(&[b"A", ledger, account.as_bytes()]);
-            match self.value(&account_key)? {
-                Value::Absent => new_accounts.push(account_key),
+        let mut new_accounts: Vec<&str> = Vec::new();
+        for (i, &(account, ..)) in post.iter().enumerate() {
+            if i > 0 && post[i - 1].0 == account {
+                continue; // (the same account, another asset)
+            }
+            match self.value(key_into(&mut s.key, &[b"A", ledger, account.as_bytes()]))? {
+                Value::Absent => new_accounts.push(account),
                 Value::Account { first_usage } if *first_usage <= timestamp => {}
                 _ => return Err(Fallback),
             }
@@ -1000,75 +1030,86 @@ impl Work<'_> {
         if self.date_text.0 != date {
             self.date_text = (date, rfc3339(date));
         }
-        let date_text = self.date_text.1.clone();
+        let date_text = self.date_text.1.as_str();
 
         // The hash: Go's JSON of the log's memento (`ledger.hashchain`).
-        let mut postings_json = Vec::with_capacity(96 * t.postings.len());
-        push_postings(&mut postings_json, &t.postings, true);
+        let postings_json = &mut s.postings;
+        postings_json.clear();
+        push_postings(postings_json, &t.postings, true);
         // `_transaction_memento`: metadata sorted, the reference before the id.
-        let mut memento = Vec::with_capacity(postings_json.len() + 128);
+        let memento = &mut s.memento;
+        memento.clear();
         memento.extend_from_slice(b"{\"postings\":");
-        memento.extend_from_slice(&postings_json);
+        memento.extend_from_slice(postings_json);
         memento.extend_from_slice(b",\"metadata\":");
-        push_map(&mut memento, &t.metadata, true);
+        push_map(memento, &t.metadata, true);
         memento.extend_from_slice(b",\"timestamp\":");
-        push_quoted(&mut memento, &date_text);
+        push_quoted(memento, date_text);
         if let Some(reference) = &t.reference {
             memento.extend_from_slice(b",\"reference\":");
-            push_go_json(&mut memento, reference);
+            push_go_json(memento, reference);
         }
         memento.extend_from_slice(b",\"id\":");
-        push_int(&mut memento, transaction_id);
+        push_int(memento, transaction_id);
         memento.extend_from_slice(b",\"reverted\":false}");
         // `_transaction_payload`: metadata as given, the reference last.
-        let mut transaction = Vec::with_capacity(postings_json.len() + 128);
+        let transaction = &mut s.transaction;
+        transaction.clear();
         transaction.extend_from_slice(b"{\"postings\":");
-        transaction.extend_from_slice(&postings_json);
+        transaction.extend_from_slice(postings_json);
         transaction.extend_from_slice(b",\"metadata\":");
-        push_map(&mut transaction, &t.metadata, false);
+        push_map(transaction, &t.metadata, false);
         transaction.extend_from_slice(b",\"timestamp\":");
-        push_quoted(&mut transaction, &date_text);
+        push_quoted(transaction, date_text);
         transaction.extend_from_slice(b",\"id\":");
-        push_int(&mut transaction, transaction_id);
+        push_int(transaction, transaction_id);
         transaction.extend_from_slice(b",\"reverted\":false");
         if let Some(reference) = &t.reference {
             transaction.extend_from_slice(b",\"reference\":");
-            push_json(&mut transaction, reference);
+            push_json(transaction, reference);
         }
-        let mut line = Vec::with_capacity(memento.len() + 160);
+        let line = &mut s.line;
+        line.clear();
         line.extend_from_slice(b"{\"type\":\"NEW_TRANSACTION\",\"data\":{\"transaction\":");
-        line.extend_from_slice(&memento);
+        line.extend_from_slice(memento);
         line.extend_from_slice(b",\"accountMetadata\":{}},\"date\":");
-        push_quoted(&mut line, &date_text);
+        push_quoted(line, date_text);
         line.extend_from_slice(b",\"idempotencyKey\":");
-        push_go_json(&mut line, t.idempotency.as_ref().map_or("", |(k, _)| k.as_str()));
+        push_go_json(line, t.idempotency.as_ref().map_or("", |(k, _)| k.as_str()));
         line.extend_from_slice(b",\"id\":0,\"hash\":null}\n");
         let mut digest = Sha256::new();
         if let Some(previous) = &head.last_hash {
-            digest.update(format!("\"{}\"\n", base64(previous)).as_bytes());
+            // The previous hash as Go's JSON encoder writes a []byte: "base64"\n.
+            let mut quoted = [0u8; 47];
+            quoted[0] = b'"';
+            base64_into(&mut quoted[1..45], previous);
+            quoted[45] = b'"';
+            quoted[46] = b'\n';
+            digest.update(quoted);
         }
-        digest.update(&line);
+        digest.update(&line[..]);
         let hash: [u8; 32] = digest.finalize().into();
 
         // The log's data: the transaction as projected (`_project_transaction`).
-        let mut volumes_json = Vec::with_capacity(96 * post.len());
-        push_volumes(&mut volumes_json, &post, true);
-        let mut data = Vec::with_capacity(transaction.len() + 2 * volumes_json.len() + 128);
+        let volumes_json = &mut s.volumes;
+        volumes_json.clear();
+        push_volumes(volumes_json, &post, true);
+        let data = &mut s.data;
+        data.clear();
         data.extend_from_slice(b"{\"transaction\":");
-        data.extend_from_slice(&transaction);
+        data.extend_from_slice(transaction);
         data.extend_from_slice(b",\"postCommitVolumes\":");
-        data.extend_from_slice(&volumes_json);
+        data.extend_from_slice(volumes_json);
         data.extend_from_slice(b",\"insertedAt\":");
-        push_quoted(&mut data, &date_text);
+        push_quoted(data, date_text);
         if effective_volumes {
             data.extend_from_slice(b",\"postCommitEffectiveVolumes\":");
-            data.extend_from_slice(&volumes_json);
+            data.extend_from_slice(volumes_json);
         }
         data.extend_from_slice(b"},\"accountMetadata\":{}}");
 
         // The store, as `project_entry` leaves it.
-        let request_id = t.request_id.as_str();
-        let hash_text = base64(&hash);
+        let request_id = &*t.request_id;
         let mut record = Vec::with_capacity(64);
         record.push(b'[');
         push_quoted(&mut record, &t.ledger);
@@ -1079,19 +1120,15 @@ impl Work<'_> {
         record.push(b']');
         self.writes.push((key(&[b"Q", request_id.as_bytes()]), record));
         let the_moment = moment(timestamp, transaction_id);
-        for (account, by_asset) in &post {
-            for (asset, input, output) in by_asset {
-                let at = pair_of(&pairs, account, asset);
-                let volume_key = std::mem::take(&mut pairs[at].2);
-                self.set(volume_key, Value::Volumes(*input, *output));
-                if effective_volumes {
-                    let effective_key = key(&[b"E", ledger, account.as_bytes(), asset.as_bytes(), &the_moment]);
-                    self.writes.push((effective_key, volumes_value(*input, *output)));
-                }
+        for &(account, asset, input, output) in &post {
+            self.set(key_into(&mut s.key, &[b"V", ledger, account.as_bytes(), asset.as_bytes()]), Value::Volumes(input, output));
+            if effective_volumes {
+                let effective_key = key(&[b"E", ledger, account.as_bytes(), asset.as_bytes(), &the_moment]);
+                self.writes.push((effective_key, volumes_value(input, output)));
             }
         }
-        for account_key in new_accounts {
-            self.set(account_key, Value::Account { first_usage: timestamp });
+        for account in new_accounts {
+            self.set(key_into(&mut s.key, &[b"A", ledger, account.as_bytes()]), Value::Account { first_usage: timestamp });
         }
         let mut stored = Vec::with_capacity(2 * postings_json.len() + 96);
         stored.push(b'[');
@@ -1120,7 +1157,7 @@ impl Work<'_> {
             self.writes.push((reference_key.clone(), transaction_id.to_string().into_bytes()));
             self.references.insert(reference_key);
         }
-        self.set(head_key, Value::Head(Box::new(Head {
+        self.set(key_into(&mut s.key, &[b"H", ledger]), Value::Head(Box::new(Head {
             last_log_id: log_id,
             last_hash: Some(hash),
             last_transaction_id: transaction_id,
@@ -1146,9 +1183,11 @@ impl Work<'_> {
         push_json(&mut entry, idempotency_key);
         entry.push(b',');
         push_json(&mut entry, idempotency_hash);
-        entry.push(b',');
-        push_quoted(&mut entry, &hash_text);
-        entry.push(b',');
+        entry.extend_from_slice(b",\"");
+        let mut hash_text = [0u8; 44];
+        base64_into(&mut hash_text, &hash);
+        entry.extend_from_slice(&hash_text);
+        entry.extend_from_slice(b"\",");
         push_quoted(&mut entry, request_id);
         // 2: with the effective volumes (equal to the post-commit ones), 3: without.
         entry.extend_from_slice(if effective_volumes { b",2]" } else { b",3]" });
@@ -1172,7 +1211,7 @@ impl Work<'_> {
         push_avro_bytes(&mut value, ledger);
         push_long(&mut value, log_id);
         push_avro_bytes(&mut value, b"NEW_TRANSACTION");
-        push_avro_bytes(&mut value, &data);
+        push_avro_bytes(&mut value, data);
         push_long(&mut value, date);
         push_avro_bytes(&mut value, idempotency_key.as_bytes());
         push_avro_bytes(&mut value, idempotency_hash.as_bytes());
@@ -1323,32 +1362,36 @@ impl Engine {
         let transfers: usize = batches.iter().map(|b| b.transfers.len()).sum();
         let mut asked: FxSet<Vec<u8>> = FxSet::with_capacity_and_hasher(4 * transfers, Default::default());
         let mut last_ledger: Option<&str> = None;
+        let mut scratch = Vec::with_capacity(128);
+        let cache = &self.cache;
+        // A key the round reads: built in `scratch`, copied only when it is to be fetched.
+        let mut want = |parts: &[&[u8]], always: bool| {
+            let k = key_into(&mut scratch, parts);
+            if always || !cache.contains_key(k) {
+                asked.insert(k.to_vec());
+            }
+        };
         for batch in &batches {
             for t in &batch.transfers {
                 let ledger = t.ledger.as_bytes();
-                let mut want = |k: Vec<u8>, always: bool| {
-                    if always || !self.cache.contains_key(&k) {
-                        asked.insert(k);
-                    }
-                };
-                want(key(&[b"Q", t.request_id.as_bytes()]), true);
+                want(&[b"Q", t.request_id.as_bytes()], true);
                 if let Some(reference) = &t.reference {
-                    want(key(&[b"R", ledger, reference.as_bytes()]), true);
+                    want(&[b"R", ledger, reference.as_bytes()], true);
                 }
                 if let Some((idempotency_key, _)) = &t.idempotency {
-                    want(key(&[b"I", ledger, idempotency_key.as_bytes()]), true);
+                    want(&[b"I", ledger, idempotency_key.as_bytes()], true);
                 }
-                if last_ledger != Some(t.ledger.as_str()) {  // a batch is mostly one ledger
-                    want(key(&[b"L", ledger]), false);
-                    want(key(&[b"H", ledger]), false);
+                if last_ledger != Some(&*t.ledger) {  // a batch is mostly one ledger
+                    want(&[b"L", ledger], false);
+                    want(&[b"H", ledger], false);
                 }
                 for p in &t.postings {
                     for account in [&p.source, &p.destination] {
-                        want(key(&[b"V", ledger, account.as_bytes(), p.asset.as_bytes()]), false);
-                        want(key(&[b"A", ledger, account.as_bytes()]), false);
+                        want(&[b"V", ledger, account.as_bytes(), p.asset.as_bytes()], false);
+                        want(&[b"A", ledger, account.as_bytes()], false);
                     }
                 }
-                last_ledger = Some(t.ledger.as_str());
+                last_ledger = Some(&*t.ledger);
             }
         }
         let wanted: Vec<Vec<u8>> = asked.into_iter().collect();
@@ -1387,7 +1430,7 @@ impl Engine {
             cache: &mut self.cache, number: self.rounds, undo: Vec::new(), answered, references,
             seen: FxSet::with_capacity_and_hasher(transfers, Default::default()), writes: spare_writes(),
             log_header: &self.log_header, rejection_header: &self.rejection_header,
-            date_text: (i64::MIN, String::new()),
+            date_text: (i64::MIN, String::new()), scratch: Scratch::default(),
         };
         let mut outcomes = Vec::new();
         for batch in &batches {
@@ -1427,7 +1470,7 @@ impl Engine {
         self.pending = Some((self.rounds, undo));
         let mut counts: FxMap<&str, (usize, usize)> = FxMap::default();
         for outcome in &outcomes {
-            let count = counts.entry(outcome.ledger.as_str()).or_default();
+            let count = counts.entry(&*outcome.ledger).or_default();
             if outcome.rejected { count.1 += 1 } else { count.0 += 1 }
         }
         let rejected = outcomes.iter().filter(|outcome| outcome.rejected).count();
