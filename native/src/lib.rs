@@ -840,7 +840,7 @@ struct Fallback;
 
 /// A request id, reference or idempotency key: a key whose presence is what counts
 /// (taken or not), never read for its value.
-fn is_claim(key: &[u8]) -> bool {
+pub(crate) fn is_claim(key: &[u8]) -> bool {
     matches!(key.first(), Some(b'Q' | b'R' | b'I'))
 }
 

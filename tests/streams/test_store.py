@@ -435,3 +435,35 @@ def test_both_bindings_open_a_store_with_the_same_compaction_trigger(store):
     options = max(store.path.glob("OPTIONS-*"), key=lambda p: int(p.name.split("-")[1])).read_text()
     assert f"level0_file_num_compaction_trigger={L0_COMPACTION_TRIGGER}\n" in options
     assert L0_COMPACTION_TRIGGER != 4  # RocksDB's default: the line above must not pass by chance
+
+
+@pytest.mark.parametrize("flushed", [False, True])
+def test_claims_are_found_and_seeks_ignore_the_claim_filter(tmp_path, flushed):
+    """The native store filters lookups of claims (request ids, references, idempotency
+    keys) through a memtable Bloom filter keyed by the whole claim (native/src/store.rs
+    `claims`). Lookups must still find every claim, and a seek to a key that is not there,
+    a claim or not, must land on the next key in byte order as without the filter."""
+    if NativeStore is None:
+        pytest.skip("native module not built")
+    db = NativeStore(str(tmp_path / "p0"), 8, 4)
+    present = [b"Q\x00r-1", b"Q\x00r-3", b"R\x00main\x00ref-1", b"I\x00main\x00key-1", b"T\x00main\x00x"]
+    for k in present:
+        db.put(k, b"v:" + k)
+    if flushed:
+        db.flush()
+    absent = [b"Q\x00r-2", b"Q\x00r-0", b"R\x00main\x00ref-2", b"I\x00main\x00key-0"]
+    assert db.get(present + absent) == [b"v:" + k for k in present] + [None] * len(absent)
+    assert [db.get(k) for k in absent] == [None] * len(absent)
+    ordered = sorted(present)
+    for target in absent + present + [b"Q", b"Q\x00r-4", b"S"]:
+        iterator = db.iter()
+        iterator.seek(target)
+        expected = next((k for k in ordered if k >= target), None)
+        assert (iterator.key() if iterator.valid() else None) == expected, target
+        iterator.seek_for_prev(target)
+        expected = next((k for k in reversed(ordered) if k <= target), None)
+        assert (iterator.key() if iterator.valid() else None) == expected, target
+        del iterator
+    options = max((tmp_path / "p0").glob("OPTIONS-*"), key=lambda p: int(p.name.split("-")[1])).read_text()
+    assert "memtable_prefix_bloom_size_ratio=0.005" in options and "streamledger.claims" in options
+    db.close()
