@@ -58,6 +58,12 @@ const MICROS_MAX: i64 = 253_402_300_799_999_999;
 type FxMap<K, V> = HashMap<K, V, rustc_hash::FxBuildHasher>;
 type FxSet<K> = HashSet<K, rustc_hash::FxBuildHasher>;
 
+/// A key of the engine's cache, its bytes in the table's slot when it is short (a store
+/// key of the hot kinds is ~30-45 bytes): a lookup compares it where the probe landed
+/// instead of following a pointer to the heap, one cache miss fewer in a table of
+/// hundreds of thousands of entries.
+type CacheKey = smallvec::SmallVec<[u8; 48]>;
+
 // ------------------------------------------------------------------------ requests
 
 struct Posting {
@@ -865,7 +871,7 @@ struct Scratch {
 /// A round in progress. It changes the engine's cache in place, remembering what each
 /// key held before (`undo`), so a round that is never committed is rolled back.
 struct Work<'e, 'b> {
-    cache: &'e mut FxMap<Vec<u8>, (Value, u64)>,
+    cache: &'e mut FxMap<CacheKey, (Value, u64)>,
     number: u64,
     undo: Vec<(Vec<u8>, Option<(Value, u64)>)>,
     /// Request ids and idempotency keys answered: in the store (fetched) or by this round.
@@ -900,7 +906,7 @@ impl<'b> Work<'_, 'b> {
             }
             None => {
                 self.undo.push((key.to_vec(), None));
-                self.cache.insert(key.to_vec(), (value, self.number));
+                self.cache.insert(CacheKey::from_slice(key), (value, self.number));
             }
         }
     }
@@ -1284,7 +1290,7 @@ struct Engine {
     emission: PyObject,
     topics: Arc<Topics>,
     /// Values, each with the number of the round that last changed it.
-    cache: FxMap<Vec<u8>, (Value, u64)>,
+    cache: FxMap<CacheKey, (Value, u64)>,
     cache_max: usize,
     rounds: u64,
     /// The round applied and not committed yet: its number, and what it replaced.
@@ -1300,8 +1306,8 @@ impl Engine {
         if let Some((_, undo)) = self.pending.take() {
             for (k, previous) in undo.into_iter().rev() {
                 match previous {
-                    Some(value) => self.cache.insert(k, value),
-                    None => self.cache.remove(&k),
+                    Some(value) => self.cache.insert(CacheKey::from_vec(k), value),
+                    None => self.cache.remove(&k[..]),
                 };
             }
         }
@@ -1416,9 +1422,9 @@ impl Engine {
                     }
                 } else {
                     match value {
-                        None => self.cache.insert(k, (Value::Absent, 0)),
+                        None => self.cache.insert(CacheKey::from_vec(k), (Value::Absent, 0)),
                         Some(raw) => match parse_stored(&k, &raw) {
-                            Some(parsed) => self.cache.insert(k, (parsed, 0)),
+                            Some(parsed) => self.cache.insert(CacheKey::from_vec(k), (parsed, 0)),
                             None => return Ok(None), // not a value this path reads: Python's
                         },
                     };
@@ -1449,7 +1455,7 @@ impl Engine {
         let Work { mut writes, undo, .. } = work;
         // The hot values the round changed, as they stand after it.
         for (k, _) in &undo {
-            match &self.cache[k].0 {
+            match &self.cache[&k[..]].0 {
                 Value::Volumes(input, output) => writes.push((k.clone(), volumes_value(*input, *output))),
                 Value::Head(head) => writes.push((k.clone(), head.encode())),
                 Value::Account { first_usage } => {
