@@ -498,12 +498,10 @@ fn push_volumes(out: &mut Vec<u8>, post: &[(&str, &str, i128, i128)], objects: b
 }
 
 /// Stored volumes: `input,output`.
-fn volumes_value(input: i128, output: i128) -> Vec<u8> {
-    let mut out = Vec::with_capacity(24);
-    push_int(&mut out, input);
+fn push_volumes_value(out: &mut Vec<u8>, input: i128, output: i128) {
+    push_int(out, input);
     out.push(b',');
-    push_int(&mut out, output);
-    out
+    push_int(out, output);
 }
 
 fn push_int(out: &mut Vec<u8>, value: impl itoa::Integer) {
@@ -741,7 +739,7 @@ struct Round {
     #[pyo3(get)]
     per_ledger: Py<PyDict>,
     /// Its store writes (taken by the store's writer thread: `Store.write_round`).
-    writes: Vec<(Vec<u8>, Vec<u8>)>,
+    writes: Writes,
     /// The request ids, references and idempotency keys among them.
     claims: Vec<Vec<u8>>,
     number: u64,
@@ -752,13 +750,74 @@ struct Round {
 /// The store's writer thread gives them back once it wrote them (`Store.write_round`).
 static SPARE_WRITES: std::sync::Mutex<Vec<Writes>> = std::sync::Mutex::new(Vec::new());
 
-pub(crate) type Writes = Vec<(Vec<u8>, Vec<u8>)>;
+/// A round's store writes, every key and value in one buffer. A round makes ~6 per
+/// request; as a `Vec` of `(Vec<u8>, Vec<u8>)` each was two allocations on the round's
+/// thread and two frees on the store's writer thread (mimalloc hands a block freed by
+/// another thread back to its owner through an atomic list it collects later).
+#[derive(Default)]
+pub(crate) struct Writes {
+    bytes: Vec<u8>,
+    /// Where each write is in `bytes`: (start, key length, value length).
+    entries: Vec<(usize, u32, u32)>,
+}
+
+impl Writes {
+    fn put(&mut self, key: &[u8], value: &[u8]) {
+        self.put_with(key, |out| out.extend_from_slice(value));
+    }
+
+    /// A write of `key` whose value `value` appends to the buffer it is given.
+    fn put_with(&mut self, key: &[u8], value: impl FnOnce(&mut Vec<u8>)) {
+        let start = self.bytes.len();
+        self.bytes.extend_from_slice(key);
+        value(&mut self.bytes);
+        let value_length = self.bytes.len() - start - key.len();
+        self.entries.push((start, key.len() as u32, value_length as u32));
+    }
+
+    fn key(&self, &(start, key_length, _): &(usize, u32, u32)) -> &[u8] {
+        &self.bytes[start..start + key_length as usize]
+    }
+
+    /// Every (key, value), in the order they were made (or sorted: `sort`).
+    pub(crate) fn iter(&self) -> impl Iterator<Item = (&[u8], &[u8])> {
+        self.entries.iter().map(|&(start, key_length, value_length)| {
+            let value_start = start + key_length as usize;
+            (&self.bytes[start..value_start], &self.bytes[value_start..value_start + value_length as usize])
+        })
+    }
+
+    /// The bytes of every key and value.
+    pub(crate) fn bytes(&self) -> usize {
+        self.bytes.len()
+    }
+
+    pub(crate) fn len(&self) -> usize {
+        self.entries.len()
+    }
+
+    /// In key order; stable, so a key written twice would still end with its last value.
+    fn sort(&mut self) {
+        let mut entries = std::mem::take(&mut self.entries);
+        entries.sort_by(|a, b| self.key(a).cmp(self.key(b)));
+        self.entries = entries;
+    }
+
+    fn clear(&mut self) {
+        self.bytes.clear();
+        self.entries.clear();
+    }
+
+    fn capacity(&self) -> usize {
+        self.bytes.capacity()
+    }
+}
 
 fn spare_writes() -> Writes {
     SPARE_WRITES.lock().unwrap().pop().unwrap_or_default()
 }
 
-/// Empty `writes` (freeing its keys and values here) and keep it for a next round, unless
+/// Empty `writes` and keep it for a next round, unless
 /// it holds no memory to reuse (what a round leaves behind once the store's writer thread
 /// took its writes: a pool of those would hand the next rounds lists grown from nothing).
 pub(crate) fn recycle_writes(mut writes: Writes) {
@@ -794,7 +853,7 @@ impl Round {
     fn write_into(&self, batch: &Bound<PyAny>) -> PyResult<()> {
         let py = batch.py();
         let put = batch.getattr("put")?;
-        for (key, value) in &self.writes {
+        for (key, value) in self.writes.iter() {
             put.call1((PyBytes::new_bound(py, key), PyBytes::new_bound(py, value)))?;
         }
         Ok(())
@@ -866,6 +925,7 @@ struct Scratch {
     line: Vec<u8>,
     volumes: Vec<u8>,
     data: Vec<u8>,
+    value: Vec<u8>,
 }
 
 /// A round in progress. It changes the engine's cache in place, remembering what each
@@ -879,7 +939,7 @@ struct Work<'e, 'b> {
     /// Reference keys taken: in the store (fetched) or by this round.
     references: FxSet<Vec<u8>>,
     seen: FxSet<&'b str>,
-    writes: Vec<(Vec<u8>, Vec<u8>)>,
+    writes: Writes,
     log_header: &'e [u8],
     rejection_header: &'e [u8],
     /// The last date written out (a round's transfers mostly share one).
@@ -1116,51 +1176,52 @@ impl<'b> Work<'_, 'b> {
 
         // The store, as `project_entry` leaves it.
         let request_id = &*t.request_id;
-        let mut record = Vec::with_capacity(64);
-        record.push(b'[');
-        push_quoted(&mut record, &t.ledger);
-        record.push(b',');
-        push_int(&mut record, log_id);
-        record.extend_from_slice(b",null,null,null,");
-        push_int(&mut record, date);
-        record.push(b']');
-        self.writes.push((key(&[b"Q", request_id.as_bytes()]), record));
+        self.writes.put_with(key_into(&mut s.key, &[b"Q", request_id.as_bytes()]), |record| {
+            record.push(b'[');
+            push_quoted(record, &t.ledger);
+            record.push(b',');
+            push_int(record, log_id);
+            record.extend_from_slice(b",null,null,null,");
+            push_int(record, date);
+            record.push(b']');
+        });
         let the_moment = moment(timestamp, transaction_id);
         for &(account, asset, input, output) in &post {
             self.set(key_into(&mut s.key, &[b"V", ledger, account.as_bytes(), asset.as_bytes()]), Value::Volumes(input, output));
             if effective_volumes {
-                let effective_key = key(&[b"E", ledger, account.as_bytes(), asset.as_bytes(), &the_moment]);
-                self.writes.push((effective_key, volumes_value(input, output)));
+                let effective_key = key_into(&mut s.key, &[b"E", ledger, account.as_bytes(), asset.as_bytes(), &the_moment]);
+                self.writes.put_with(effective_key, |value| push_volumes_value(value, input, output));
             }
         }
         for account in new_accounts {
             self.set(key_into(&mut s.key, &[b"A", ledger, account.as_bytes()]), Value::Account { first_usage: timestamp });
         }
-        let mut stored = Vec::with_capacity(2 * postings_json.len() + 96);
+        let stored = &mut s.value;
+        stored.clear();
         stored.push(b'[');
-        push_int(&mut stored, transaction_id);
+        push_int(stored, transaction_id);
         stored.push(b',');
-        push_postings(&mut stored, &t.postings, false);
+        push_postings(stored, &t.postings, false);
         stored.push(b',');
-        push_map(&mut stored, &t.metadata, false);
+        push_map(stored, &t.metadata, false);
         stored.push(b',');
-        push_int(&mut stored, timestamp);
+        push_int(stored, timestamp);
         stored.push(b',');
-        push_int(&mut stored, date);
+        push_int(stored, date);
         stored.push(b',');
         match &t.reference {
-            Some(reference) => push_json(&mut stored, reference),
+            Some(reference) => push_json(stored, reference),
             None => stored.extend_from_slice(b"null"),
         }
         stored.extend_from_slice(b",null,");
-        push_int(&mut stored, date);
+        push_int(stored, date);
         stored.push(b',');
-        push_volumes(&mut stored, &post, false);
+        push_volumes(stored, &post, false);
         stored.push(b']');
-        self.writes.push((key(&[b"T", ledger, &(transaction_id as u64).to_be_bytes()]), stored));
+        self.writes.put(key_into(&mut s.key, &[b"T", ledger, &(transaction_id as u64).to_be_bytes()]), stored);
         if let Some(reference) = &t.reference {
             let reference_key = key(&[b"R", ledger, reference.as_bytes()]);
-            self.writes.push((reference_key.clone(), transaction_id.to_string().into_bytes()));
+            self.writes.put_with(&reference_key, |value| push_int(value, transaction_id));
             self.references.insert(reference_key);
         }
         self.set(key_into(&mut s.key, &[b"H", ledger]), Value::Head(Box::new(Head {
@@ -1170,44 +1231,45 @@ impl<'b> Work<'_, 'b> {
             last_date: date.max(head.last_date),
             max_timestamp: Some(head.max_timestamp.map_or(timestamp, |latest| latest.max(timestamp))),
         })));
-        let mut entry = Vec::with_capacity(192);
+        let entry = &mut s.value;
+        entry.clear();
         entry.push(b'[');
-        push_quoted(&mut entry, &t.ledger);
+        push_quoted(entry, &t.ledger);
         entry.push(b',');
-        push_int(&mut entry, log_id);
+        push_int(entry, log_id);
         // The data by reference to the transaction record written above: its id and
         // its metadata as logged (the record's may change later); see
         // `store.stored_log_fields`.
         entry.extend_from_slice(b",\"NEW_TRANSACTION\",[");
-        push_int(&mut entry, transaction_id);
+        push_int(entry, transaction_id);
         entry.push(b',');
-        push_map(&mut entry, &t.metadata, false);
+        push_map(entry, &t.metadata, false);
         entry.extend_from_slice(b"],");
-        push_int(&mut entry, date);
+        push_int(entry, date);
         let (idempotency_key, idempotency_hash) = t.idempotency.as_ref().map_or(("", ""), |(k, h)| (k.as_str(), h.as_str()));
         entry.push(b',');
-        push_json(&mut entry, idempotency_key);
+        push_json(entry, idempotency_key);
         entry.push(b',');
-        push_json(&mut entry, idempotency_hash);
+        push_json(entry, idempotency_hash);
         entry.extend_from_slice(b",\"");
         let mut hash_text = [0u8; 44];
         base64_into(&mut hash_text, &hash);
         entry.extend_from_slice(&hash_text);
         entry.extend_from_slice(b"\",");
-        push_quoted(&mut entry, request_id);
+        push_quoted(entry, request_id);
         // 2: with the effective volumes (equal to the post-commit ones), 3: without.
         entry.extend_from_slice(if effective_volumes { b",2]" } else { b",3]" });
-        self.writes.push((key(&[b"G", ledger, &(log_id as u64).to_be_bytes()]), entry));
+        self.writes.put(key_into(&mut s.key, &[b"G", ledger, &(log_id as u64).to_be_bytes()]), entry);
         if !idempotency_key.is_empty() {
             // `IdempotencyRecord(input_hash, request_id)`; a refusal records none.
             let idempotency = key(&[b"I", ledger, idempotency_key.as_bytes()]);
-            let mut record = Vec::with_capacity(idempotency_hash.len() + request_id.len() + 8);
-            record.push(b'[');
-            push_json(&mut record, idempotency_hash);
-            record.push(b',');
-            push_quoted(&mut record, request_id);
-            record.push(b']');
-            self.writes.push((idempotency.clone(), record));
+            self.writes.put_with(&idempotency, |record| {
+                record.push(b'[');
+                push_json(record, idempotency_hash);
+                record.push(b',');
+                push_quoted(record, request_id);
+                record.push(b']');
+            });
             self.answered.insert(idempotency);
         }
 
@@ -1260,7 +1322,7 @@ impl<'b> Work<'_, 'b> {
         record.push(b',');
         push_int(&mut record, now);
         record.push(b']');
-        self.writes.push((key(&[b"Q", t.request_id.as_bytes()]), record));
+        self.writes.put(&key(&[b"Q", t.request_id.as_bytes()]), &record);
         let mut value = Vec::with_capacity(message.len() + details.len() + 64);
         value.extend_from_slice(self.rejection_header);
         push_avro_bytes(&mut value, t.request_id.as_bytes());
@@ -1456,13 +1518,13 @@ impl Engine {
         // The hot values the round changed, as they stand after it.
         for (k, _) in &undo {
             match &self.cache[&k[..]].0 {
-                Value::Volumes(input, output) => writes.push((k.clone(), volumes_value(*input, *output))),
-                Value::Head(head) => writes.push((k.clone(), head.encode())),
+                Value::Volumes(input, output) => writes.put_with(k, |value| push_volumes_value(value, *input, *output)),
+                Value::Head(head) => writes.put(k, &head.encode()),
                 Value::Account { first_usage } => {
                     // A new account: `AccountRecord(address, {}, timestamp, date, date)`,
                     // its timestamp being its date here (no explicit timestamps).
                     let address = std::str::from_utf8(&k[k.iter().rposition(|&b| b == 0).unwrap() + 1..]).unwrap();
-                    writes.push((k.clone(), format!("[\"{address}\",{{}},{first_usage},{first_usage},{first_usage}]").into_bytes()));
+                    writes.put(k, format!("[\"{address}\",{{}},{first_usage},{first_usage},{first_usage}]").as_bytes());
                 }
                 _ => unreachable!("a round changes only volumes, heads and accounts"),
             }
@@ -1471,8 +1533,8 @@ impl Engine {
         // went (its skiplist's splice), so sorted keys are found next door instead of by a
         // walk down from the top of a ~100k-entry list (the store write ~6 -> ~4 us per
         // request). Stable, so a key written twice would still end with its last value.
-        writes.sort_by(|a, b| a.0.cmp(&b.0));
-        let claims = writes.iter().filter(|(k, _)| is_claim(k)).map(|(k, _)| k.clone()).collect();
+        writes.sort();
+        let claims = writes.iter().filter(|(k, _)| is_claim(k)).map(|(k, _)| k.to_vec()).collect();
         self.pending = Some((self.rounds, undo));
         let mut counts: FxMap<&str, (usize, usize)> = FxMap::default();
         for outcome in &outcomes {
