@@ -54,20 +54,29 @@ fn shared(block_cache_mb: usize, write_buffers_mb: usize) -> (Cache, WriteBuffer
 /// ~20.0 -> ~17.9 us per request; the probes of 4 more files per read did not show.
 const L0_COMPACTION_TRIGGER: i32 = 8;
 
-/// Claims (request ids, references, idempotency keys: `crate::is_claim`) are looked up for
-/// every request that has one and almost never found, each a search of the memtables'
-/// skiplists: ~2.1 -> ~0.9 us of the round's thread per claim with a memtable Bloom
-/// filter over the claims alone (not over every key: that cost more in inserts, six per
-/// request, than it saved). So the claims are the one "prefix" domain, each claim its own
-/// prefix, and iterators ignore prefixes (`total_order`): a seek lands where it would
-/// without them.
-fn claims() -> SliceTransform {
-    SliceTransform::create("streamledger.claims", |key| key, Some(crate::is_claim))
+/// The keys a round reads from the store, all by point lookups that mostly find nothing:
+/// claims (request ids, references, idempotency keys: `crate::is_claim`), looked up for
+/// every request that has one; volumes and accounts, looked up when an account is first
+/// used (or after the engine's cache was cleared). Each such lookup searched the
+/// skiplists of both memtables. A memtable Bloom filter over these keys alone answers
+/// most of them at once: ~2.1 -> ~0.9 us of the round's thread per absent claim; with
+/// volumes and accounts in it too, the engine's round thread ~0.5 us less per request in
+/// `bench/engine.py` (first uses of 160k accounts). Not over every key: over all six a
+/// request writes it cost the store's writer thread about what it saved. So these kinds
+/// are the one "prefix" domain, each key its own prefix, and iterators ignore prefixes
+/// (`total_order`): a seek lands where it would without them.
+fn point_lookups() -> SliceTransform {
+    SliceTransform::create("streamledger.point-lookups", |key| key, Some(looked_up))
 }
 
-/// The memtable's claim filter in bits per byte of memtable: ~1 claim per ~600 bytes
-/// written, so ~25 bits per claim (a false positive costs the search it saves).
-const CLAIM_FILTER_RATIO: f64 = 0.005;
+fn looked_up(key: &[u8]) -> bool {
+    crate::is_claim(key) || matches!(key.first(), Some(b'V' | b'A'))
+}
+
+/// The memtable's filter in bits per byte of memtable: ~2 filtered keys (a request id,
+/// the destination's volumes) per ~600 bytes written, so ~25 bits per key (a false
+/// positive costs the search it saves).
+const POINT_LOOKUP_FILTER_RATIO: f64 = 0.01;
 
 fn options(block_cache_mb: usize, write_buffer_mb: usize) -> Options {
     let (cache, buffers) = shared(block_cache_mb, 4 * write_buffer_mb);
@@ -77,8 +86,8 @@ fn options(block_cache_mb: usize, write_buffer_mb: usize) -> Options {
     options.set_max_write_buffer_number(2);
     options.set_level_zero_file_num_compaction_trigger(L0_COMPACTION_TRIGGER);
     options.set_write_buffer_manager(&buffers);
-    options.set_prefix_extractor(claims());
-    options.set_memtable_prefix_bloom_ratio(CLAIM_FILTER_RATIO);
+    options.set_prefix_extractor(point_lookups());
+    options.set_memtable_prefix_bloom_ratio(POINT_LOOKUP_FILTER_RATIO);
     let mut table = BlockBasedOptions::default();
     table.set_block_cache(&cache);
     table.set_bloom_filter(10.0, false);
@@ -86,7 +95,7 @@ fn options(block_cache_mb: usize, write_buffer_mb: usize) -> Options {
     options
 }
 
-/// Reads that seek by key order whatever the key (see `claims`).
+/// Reads that seek by key order whatever the key (see `point_lookups`).
 fn total_order() -> ReadOptions {
     let mut options = ReadOptions::default();
     options.set_total_order_seek(true);

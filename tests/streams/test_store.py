@@ -438,20 +438,23 @@ def test_both_bindings_open_a_store_with_the_same_compaction_trigger(store):
 
 
 @pytest.mark.parametrize("flushed", [False, True])
-def test_claims_are_found_and_seeks_ignore_the_claim_filter(tmp_path, flushed):
+def test_point_lookups_are_found_and_seeks_ignore_their_filter(tmp_path, flushed):
     """The native store filters lookups of claims (request ids, references, idempotency
-    keys) through a memtable Bloom filter keyed by the whole claim (native/src/store.rs
-    `claims`). Lookups must still find every claim, and a seek to a key that is not there,
-    a claim or not, must land on the next key in byte order as without the filter."""
+    keys), volumes and accounts through a memtable Bloom filter keyed by the whole key
+    (native/src/store.rs `point_lookups`). Lookups must still find every key, and a seek
+    to a key that is not there, filtered or not, must land on the next key in byte order
+    as without the filter."""
     if NativeStore is None:
         pytest.skip("native module not built")
     db = NativeStore(str(tmp_path / "p0"), 8, 4)
-    present = [b"Q\x00r-1", b"Q\x00r-3", b"R\x00main\x00ref-1", b"I\x00main\x00key-1", b"T\x00main\x00x"]
+    present = [b"Q\x00r-1", b"Q\x00r-3", b"R\x00main\x00ref-1", b"I\x00main\x00key-1", b"T\x00main\x00x",
+               b"V\x00main\x00a\x00USD", b"A\x00main\x00a"]
     for k in present:
         db.put(k, b"v:" + k)
     if flushed:
         db.flush()
-    absent = [b"Q\x00r-2", b"Q\x00r-0", b"R\x00main\x00ref-2", b"I\x00main\x00key-0"]
+    absent = [b"Q\x00r-2", b"Q\x00r-0", b"R\x00main\x00ref-2", b"I\x00main\x00key-0",
+              b"V\x00main\x00a\x00EUR", b"V\x00main\x00b\x00USD", b"A\x00main\x00b", b"T\x00main\x00y"]
     assert db.get(present + absent) == [b"v:" + k for k in present] + [None] * len(absent)
     assert [db.get(k) for k in absent] == [None] * len(absent)
     ordered = sorted(present)
@@ -465,5 +468,5 @@ def test_claims_are_found_and_seeks_ignore_the_claim_filter(tmp_path, flushed):
         assert (iterator.key() if iterator.valid() else None) == expected, target
         del iterator
     options = max((tmp_path / "p0").glob("OPTIONS-*"), key=lambda p: int(p.name.split("-")[1])).read_text()
-    assert "memtable_prefix_bloom_size_ratio=0.005" in options and "streamledger.claims" in options
+    assert "memtable_prefix_bloom_size_ratio=0.01" in options and "streamledger.point-lookups" in options
     db.close()
