@@ -775,9 +775,6 @@ impl Writes {
         self.entries.push((start, key.len() as u32, value_length as u32));
     }
 
-    fn key(&self, &(start, key_length, _): &(usize, u32, u32)) -> &[u8] {
-        &self.bytes[start..start + key_length as usize]
-    }
 
     /// Every (key, value), in the order they were made (or sorted: `sort`).
     pub(crate) fn iter(&self) -> impl Iterator<Item = (&[u8], &[u8])> {
@@ -798,9 +795,9 @@ impl Writes {
 
     /// In key order; stable, so a key written twice would still end with its last value.
     fn sort(&mut self) {
-        let mut entries = std::mem::take(&mut self.entries);
-        entries.sort_by(|a, b| self.key(a).cmp(self.key(b)));
-        self.entries = entries;
+        let bytes = &self.bytes;
+        let key = |&(start, key_length, _): &(usize, u32, u32)| &bytes[start..start + key_length as usize];
+        self.entries.sort_by(|a, b| key(a).cmp(key(b)));
     }
 
     fn clear(&mut self) {
@@ -817,9 +814,9 @@ fn spare_writes() -> Writes {
     SPARE_WRITES.lock().unwrap().pop().unwrap_or_default()
 }
 
-/// Empty `writes` and keep it for a next round, unless
-/// it holds no memory to reuse (what a round leaves behind once the store's writer thread
-/// took its writes: a pool of those would hand the next rounds lists grown from nothing).
+/// Empty `writes` and keep it for a next round, unless it holds no memory to reuse (what a
+/// round leaves behind once the store's writer thread took its writes: a pool of those
+/// would hand the next rounds lists grown from nothing).
 pub(crate) fn recycle_writes(mut writes: Writes) {
     if writes.capacity() == 0 {
         return;
@@ -925,7 +922,6 @@ struct Scratch {
     line: Vec<u8>,
     volumes: Vec<u8>,
     data: Vec<u8>,
-    value: Vec<u8>,
 }
 
 /// A round in progress. It changes the engine's cache in place, remembering what each
@@ -944,7 +940,6 @@ struct Work<'e, 'b> {
     rejection_header: &'e [u8],
     /// The last date written out (a round's transfers mostly share one).
     date_text: (i64, String),
-    scratch: Scratch,
 }
 
 impl<'b> Work<'_, 'b> {
@@ -987,14 +982,8 @@ impl<'b> Work<'_, 'b> {
         }
     }
 
-    fn transfer(&mut self, t: &'b Transfer, now: i64) -> Result<Outcome, Fallback> {
-        let mut scratch = std::mem::take(&mut self.scratch);
-        let outcome = self.transfer_with(t, now, &mut scratch);
-        self.scratch = scratch;
-        outcome
-    }
-
-    fn transfer_with(&mut self, t: &'b Transfer, now: i64, s: &mut Scratch) -> Result<Outcome, Fallback> {
+    /// `s`: the round's scratch buffers (a field of `Work` could not be borrowed beside it).
+    fn transfer(&mut self, t: &'b Transfer, now: i64, s: &mut Scratch) -> Result<Outcome, Fallback> {
         let ledger = t.ledger.as_bytes();
         // A request id already answered is replayed by the Python path.
         if !self.seen.insert(&*t.request_id)
@@ -1196,29 +1185,28 @@ impl<'b> Work<'_, 'b> {
         for account in new_accounts {
             self.set(key_into(&mut s.key, &[b"A", ledger, account.as_bytes()]), Value::Account { first_usage: timestamp });
         }
-        let stored = &mut s.value;
-        stored.clear();
-        stored.push(b'[');
-        push_int(stored, transaction_id);
-        stored.push(b',');
-        push_postings(stored, &t.postings, false);
-        stored.push(b',');
-        push_map(stored, &t.metadata, false);
-        stored.push(b',');
-        push_int(stored, timestamp);
-        stored.push(b',');
-        push_int(stored, date);
-        stored.push(b',');
-        match &t.reference {
-            Some(reference) => push_json(stored, reference),
-            None => stored.extend_from_slice(b"null"),
-        }
-        stored.extend_from_slice(b",null,");
-        push_int(stored, date);
-        stored.push(b',');
-        push_volumes(stored, &post, false);
-        stored.push(b']');
-        self.writes.put(key_into(&mut s.key, &[b"T", ledger, &(transaction_id as u64).to_be_bytes()]), stored);
+        self.writes.put_with(key_into(&mut s.key, &[b"T", ledger, &(transaction_id as u64).to_be_bytes()]), |stored| {
+            stored.push(b'[');
+            push_int(stored, transaction_id);
+            stored.push(b',');
+            push_postings(stored, &t.postings, false);
+            stored.push(b',');
+            push_map(stored, &t.metadata, false);
+            stored.push(b',');
+            push_int(stored, timestamp);
+            stored.push(b',');
+            push_int(stored, date);
+            stored.push(b',');
+            match &t.reference {
+                Some(reference) => push_json(stored, reference),
+                None => stored.extend_from_slice(b"null"),
+            }
+            stored.extend_from_slice(b",null,");
+            push_int(stored, date);
+            stored.push(b',');
+            push_volumes(stored, &post, false);
+            stored.push(b']');
+        });
         if let Some(reference) = &t.reference {
             let reference_key = key(&[b"R", ledger, reference.as_bytes()]);
             self.writes.put_with(&reference_key, |value| push_int(value, transaction_id));
@@ -1231,35 +1219,34 @@ impl<'b> Work<'_, 'b> {
             last_date: date.max(head.last_date),
             max_timestamp: Some(head.max_timestamp.map_or(timestamp, |latest| latest.max(timestamp))),
         })));
-        let entry = &mut s.value;
-        entry.clear();
-        entry.push(b'[');
-        push_quoted(entry, &t.ledger);
-        entry.push(b',');
-        push_int(entry, log_id);
-        // The data by reference to the transaction record written above: its id and
-        // its metadata as logged (the record's may change later); see
-        // `store.stored_log_fields`.
-        entry.extend_from_slice(b",\"NEW_TRANSACTION\",[");
-        push_int(entry, transaction_id);
-        entry.push(b',');
-        push_map(entry, &t.metadata, false);
-        entry.extend_from_slice(b"],");
-        push_int(entry, date);
         let (idempotency_key, idempotency_hash) = t.idempotency.as_ref().map_or(("", ""), |(k, h)| (k.as_str(), h.as_str()));
-        entry.push(b',');
-        push_json(entry, idempotency_key);
-        entry.push(b',');
-        push_json(entry, idempotency_hash);
-        entry.extend_from_slice(b",\"");
-        let mut hash_text = [0u8; 44];
-        base64_into(&mut hash_text, &hash);
-        entry.extend_from_slice(&hash_text);
-        entry.extend_from_slice(b"\",");
-        push_quoted(entry, request_id);
-        // 2: with the effective volumes (equal to the post-commit ones), 3: without.
-        entry.extend_from_slice(if effective_volumes { b",2]" } else { b",3]" });
-        self.writes.put(key_into(&mut s.key, &[b"G", ledger, &(log_id as u64).to_be_bytes()]), entry);
+        self.writes.put_with(key_into(&mut s.key, &[b"G", ledger, &(log_id as u64).to_be_bytes()]), |entry| {
+            entry.push(b'[');
+            push_quoted(entry, &t.ledger);
+            entry.push(b',');
+            push_int(entry, log_id);
+            // The data by reference to the transaction record written above: its id and
+            // its metadata as logged (the record's may change later); see
+            // `store.stored_log_fields`.
+            entry.extend_from_slice(b",\"NEW_TRANSACTION\",[");
+            push_int(entry, transaction_id);
+            entry.push(b',');
+            push_map(entry, &t.metadata, false);
+            entry.extend_from_slice(b"],");
+            push_int(entry, date);
+            entry.push(b',');
+            push_json(entry, idempotency_key);
+            entry.push(b',');
+            push_json(entry, idempotency_hash);
+            entry.extend_from_slice(b",\"");
+            let mut hash_text = [0u8; 44];
+            base64_into(&mut hash_text, &hash);
+            entry.extend_from_slice(&hash_text);
+            entry.extend_from_slice(b"\",");
+            push_quoted(entry, request_id);
+            // 2: with the effective volumes (equal to the post-commit ones), 3: without.
+            entry.extend_from_slice(if effective_volumes { b",2]" } else { b",3]" });
+        });
         if !idempotency_key.is_empty() {
             // `IdempotencyRecord(input_hash, request_id)`; a refusal records none.
             let idempotency = key(&[b"I", ledger, idempotency_key.as_bytes()]);
@@ -1494,16 +1481,17 @@ impl Engine {
             }
         }
         self.rounds += 1;
+        let mut scratch = Scratch::default();
         let mut work = Work {
             cache: &mut self.cache, number: self.rounds, undo: Vec::new(), answered, references,
             seen: FxSet::with_capacity_and_hasher(transfers, Default::default()), writes: spare_writes(),
             log_header: &self.log_header, rejection_header: &self.rejection_header,
-            date_text: (i64::MIN, String::new()), scratch: Scratch::default(),
+            date_text: (i64::MIN, String::new()),
         };
         let mut outcomes = Vec::new();
         for batch in &batches {
             for t in &batch.transfers {
-                match work.transfer(t, now) {
+                match work.transfer(t, now, &mut scratch) {
                     Ok(outcome) => outcomes.push(outcome),
                     Err(Fallback) => {
                         let undo = std::mem::take(&mut work.undo);

@@ -289,10 +289,9 @@ impl Store {
 /// A round's writes and `extra` in one batch, sized at once (grown by doubling, its buffer
 /// was copied again and again and its new pages faulted in each round).
 fn round_batch(writes: &Writes, extra: &[(Vec<u8>, Vec<u8>)]) -> WriteBatch {
-    let pairs = || writes.iter().chain(extra.iter().map(|(k, v)| (k.as_slice(), v.as_slice())));
     let sizes = writes.bytes() + 11 * writes.len() + extra.iter().map(|(k, v)| k.len() + v.len() + 11).sum::<usize>();
     let mut batch = WriteBatch::with_capacity_bytes(12 + sizes);
-    for (key, value) in pairs() {
+    for (key, value) in writes.iter().chain(extra.iter().map(|(k, v)| (k.as_slice(), v.as_slice()))) {
         batch.put(key, value);
     }
     batch
